@@ -1,0 +1,89 @@
+"""Search hyper-parameters (SPEC §4-6); reference values are the defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        from jaxsplit.config import ConfigError  # late import: config imports this module
+
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The modularization search.
+
+    Reference (CNNSplitter) values are the defaults: 200 generations, 100
+    individuals, 50 parents mating, 20 kept, 5% mutation, alpha = gamma = 0.9,
+    early stop after 20 generations without a better valid fitness.
+    """
+
+    strategy: Literal["kernel_ga", "simple_ga", "de", "cma_es", "pso"] = "kernel_ga"
+    population_size: int = 100
+    num_generations: int = 200
+    num_parents_mating: int | None = None  # None: population_size // 2 (reference 50 of 100)
+    keep_parents: int | None = None  # None: population_size // 5 (reference 20 of 100)
+    mutation_rate: float = 0.05
+    alpha: float = 0.9
+    gamma: float = 0.9
+    early_stop: int = 20  # generations without a better valid fitness; 0 disables
+    num_valid: int | None = None  # use at most this many valid images (None: all)
+    # encoding (SPEC §4)
+    groups_small: int = 10  # groups for layers with fewer than `group_threshold` kernels
+    groups_large: int = 100
+    group_threshold: int = 256
+    sensitive_layers: tuple[int, ...] | None = None  # None: the reference's layers for the model
+    init_ratios_sensitive: tuple[float, ...] | None = None  # None: per-family reference list
+    init_ratios_other: tuple[float, ...] | None = None
+    importance_confidence: float = 0.9
+    # cooperative fitness (SPEC §6)
+    ensemble: Literal["hierarchical", "sampled"] = "hierarchical"
+    min_kept_ensembles: int = 50
+    max_kept_ensembles: int = 500
+    thresholds: dict | None = None  # {num_classes_in_ensemble: acc threshold}; None: reference
+    num_sampled_ensembles: int = 2000  # for ensemble="sampled"
+    # evaluator
+    backend: Literal["auto", "reference", "fast"] = "auto"
+    chunk_individuals: int = 16
+    chunk_images: int = 1000
+    # driver
+    checkpoint_every: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(self.population_size >= 2, "search.population_size", f"must be >= 2, got {self.population_size}")
+        _check(self.num_generations >= 1, "search.num_generations", f"must be >= 1, got {self.num_generations}")
+        _check(2 <= self.parents_mating <= self.population_size, "search.num_parents_mating",
+               f"must be in [2, population_size={self.population_size}], got {self.num_parents_mating}")
+        _check(0 <= self.parents_kept <= self.parents_mating, "search.keep_parents",
+               f"must be in [0, num_parents_mating={self.parents_mating}], got {self.keep_parents}")
+        _check(0.0 <= self.mutation_rate <= 1.0, "search.mutation_rate", f"must be in [0, 1], got {self.mutation_rate}")
+        _check(0.0 < self.alpha <= 1.0, "search.alpha", f"must be in (0, 1], got {self.alpha}")
+        _check(0.0 <= self.gamma <= 1.0, "search.gamma", f"must be in [0, 1], got {self.gamma}")
+        _check(self.early_stop >= 0, "search.early_stop", f"must be >= 0, got {self.early_stop}")
+        _check(self.num_valid is None or self.num_valid > 0, "search.num_valid", f"must be > 0, got {self.num_valid}")
+        _check(1 <= self.min_kept_ensembles <= self.max_kept_ensembles, "search.min_kept_ensembles",
+               f"must be in [1, max_kept_ensembles={self.max_kept_ensembles}], got {self.min_kept_ensembles}")
+        _check(self.chunk_individuals >= 1, "search.chunk_individuals", f"must be >= 1, got {self.chunk_individuals}")
+        _check(self.chunk_images >= 1, "search.chunk_images", f"must be >= 1, got {self.chunk_images}")
+        _check(self.checkpoint_every >= 1, "search.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _check(0.0 <= self.importance_confidence < 1.0, "search.importance_confidence",
+               f"must be in [0, 1), got {self.importance_confidence}")
+
+    @property
+    def parents_mating(self) -> int:
+        """Resolved number of parents mating."""
+        if self.num_parents_mating is None:
+            return max(2, self.population_size // 2)
+        return self.num_parents_mating
+
+    @property
+    def parents_kept(self) -> int:
+        """Resolved number of parents kept (elitism)."""
+        if self.keep_parents is None:
+            return min(self.parents_mating, self.population_size // 5)
+        return self.keep_parents
