@@ -15,12 +15,27 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
-    """The "self" patching protocol on an N-class dataset.
+    """Patching weak models with modules (SPEC §8); see `jaxsplit.patch` for the protocol.
 
-    The strong model (the run's model) is trained on `strong_classes`; the weak
-    model on `weak_classes` + one target class (TC) taken from the strong
-    classes, with at most `tc_train_images` TC training images; the TC is the
-    weak model's last class.
+    task "self": the strong model (the run's model) is trained on `strong_classes`
+    (or on all classes); the weak model on `weak_classes` + one target class (TC)
+    taken from the strong classes, with at most `tc_train_images` TC training
+    images; the TC is the weak model's last class.
+
+    task "cifar100_cifar10": the run's strong model is a CIFAR-10 model; the weak
+    model learns the CIFAR-100 classes `weak_classes` (reference: apple, baby,
+    bed, bicycle, bottle, bridge, camel, clock, rose = 0 2 5 8 9 12 15 22 70) + a
+    CIFAR-10 TC with `tc_train_images` images (reference 500, split 80/20 into
+    train/valid) and `tc_test_images` test images (reference 100).
+
+    Attributes beyond the task:
+      weak_optimizer / weak_learning_rate / weak_epochs: how the weak model is
+        trained (the other training settings come from the run's `train`).
+      poor_fit: also patch an under-fitted model (stopped after `underfit_epochs`)
+        and an over-fitted one (`overfit_epochs` without weight decay or dropout on
+        at most `poor_fit_images_per_class` training images per class).
+      calibration_bins: bins of the expected calibration error.
+      seed: seed of the TC subsampling and of the weak models' training.
     """
 
     task: Literal["self", "cifar100_cifar10"] = "self"
@@ -35,11 +50,41 @@ class PatchConfig:
     underfit_epochs: int = 1
     overfit_epochs: int = 30
     calibrations: tuple[str, ...] = ("min_max", "percentile", "iqr", "z_norm", "platt")
+    weak_optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    tc_test_images: int | None = None  # None: every TC test image (cifar100_cifar10 reference: 100)
+    poor_fit: bool = False
+    poor_fit_images_per_class: int | None = 500
+    calibration_bins: int = 15
+    seed: int = 0
 
     def __post_init__(self):
         _check(len(self.strong_classes) >= 2, "patch.strong_classes", f"need >= 2 classes, got {self.strong_classes}")
-        _check(not set(self.strong_classes) & set(self.weak_classes), "patch.weak_classes",
-               f"must not overlap strong_classes {self.strong_classes}, got {self.weak_classes}")
+        _check(len(self.weak_classes) >= 1, "patch.weak_classes", f"need >= 1 class, got {self.weak_classes}")
+        _check(len(set(self.strong_classes)) == len(self.strong_classes), "patch.strong_classes",
+               f"has repeated classes: {self.strong_classes}")
+        _check(len(set(self.weak_classes)) == len(self.weak_classes), "patch.weak_classes",
+               f"has repeated classes: {self.weak_classes}")
+        _check(all(c >= 0 for c in (*self.strong_classes, *self.weak_classes)), "patch.strong_classes",
+               f"class ids must be >= 0, got {self.strong_classes} and {self.weak_classes}")
+        if self.task == "self":  # in cifar100_cifar10 the two lists name classes of different datasets
+            _check(not set(self.strong_classes) & set(self.weak_classes), "patch.weak_classes",
+                   f"must not overlap strong_classes {self.strong_classes}, got {self.weak_classes}")
+        if self.target_classes is not None:
+            _check(len(self.target_classes) >= 1, "patch.target_classes", "must name >= 1 class or be null")
+            _check(set(self.target_classes) <= set(self.strong_classes), "patch.target_classes",
+                   f"must be among strong_classes {self.strong_classes}, got {self.target_classes}")
+        _check(len(self.calibrations) >= 1, "patch.calibrations", "must name >= 1 calibration")
+        known = ("min_max", "percentile", "iqr", "z_norm", "temperature", "platt")
+        _check(all(c in known for c in self.calibrations), "patch.calibrations",
+               f"expected names among {known}, got {self.calibrations}")
+        _check(self.tc_test_images is None or self.tc_test_images >= 1, "patch.tc_test_images",
+               f"must be >= 1 or null, got {self.tc_test_images}")
+        _check(self.underfit_epochs >= 1, "patch.underfit_epochs", f"must be >= 1, got {self.underfit_epochs}")
+        _check(self.overfit_epochs >= 1, "patch.overfit_epochs", f"must be >= 1, got {self.overfit_epochs}")
+        _check(self.weak_learning_rate > 0, "patch.weak_learning_rate", f"must be > 0, got {self.weak_learning_rate}")
+        _check(self.poor_fit_images_per_class is None or self.poor_fit_images_per_class >= 1,
+               "patch.poor_fit_images_per_class", f"must be >= 1 or null, got {self.poor_fit_images_per_class}")
+        _check(self.calibration_bins >= 1, "patch.calibration_bins", f"must be >= 1, got {self.calibration_bins}")
         _check(self.tc_train_images >= 1, "patch.tc_train_images", f"must be >= 1, got {self.tc_train_images}")
         _check(self.weak_width > 0, "patch.weak_width", f"must be > 0, got {self.weak_width}")
         _check(self.weak_epochs >= 1, "patch.weak_epochs", f"must be >= 1, got {self.weak_epochs}")

@@ -28,6 +28,7 @@ class SearchConfig:
     num_parents_mating: int | None = None  # None: population_size // 2 (reference 50 of 100)
     keep_parents: int | None = None  # None: population_size // 5 (reference 20 of 100)
     mutation_rate: float = 0.05
+    mutation: Literal["random", "flip"] = "random"  # chosen genes get a random bit (reference) / flipped
     alpha: float = 0.9
     gamma: float = 0.9
     early_stop: int = 20  # generations without a better valid fitness; 0 disables
@@ -40,6 +41,8 @@ class SearchConfig:
     init_ratios_sensitive: tuple[float, ...] | None = None  # None: per-family reference list
     init_ratios_other: tuple[float, ...] | None = None
     importance_confidence: float = 0.9
+    sensitivity: bool = False  # compute layer-sensitivity curves (and pick sensitive layers when unset)
+    empty_layer: Literal["repair", "kernel0"] = "repair"  # empty layer: force its top group on / keep kernel 0 (reference)
     # cooperative fitness (SPEC §6)
     ensemble: Literal["hierarchical", "sampled"] = "hierarchical"
     min_kept_ensembles: int = 50

@@ -1,0 +1,89 @@
+"""Measure the CPU preset: train `configs/fashion_mnist_cpu.yaml` and record time and accuracy.
+
+    python benchmarks/train_cpu_preset.py [--config configs/fashion_mnist_cpu.yaml]
+        [--set key=value ...] [--out runs/bench_train_cpu] [--results benchmarks/results/train.json]
+
+The project's target for this preset: training in about 5 minutes or less on a 2-core CPU and
+at least 90% Fashion-MNIST test accuracy. The JSON records the wall time of the training loop
+(`train_time_s`, compilation included), of the whole call (`total_time_s`, data loading and
+the final test evaluation included), the accuracies, the machine, and the load average before
+and after the run (other processes on the machine slow the run down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from jaxsplit import cli
+from jaxsplit import config as jconfig
+from jaxsplit import train
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET_ACCURACY = 0.90
+TARGET_SECONDS = 300.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "fashion_mnist_cpu.yaml"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default=None, help="also write the run folder here")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "train.json"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    cfg = cli.resolve_config(config_path=args.config, sets=args.set, data_dir=args.data_dir)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    result = train.train_and_evaluate(cfg, args.out, progress=not args.no_progress,
+                                      overwrite=args.out is not None)
+    wall = time.perf_counter() - t0
+    m = result.metrics
+    record = {
+        "benchmark": "train_cpu_preset",
+        "config": str(Path(args.config).resolve().relative_to(REPO)) if Path(args.config).resolve().is_relative_to(REPO) else args.config,
+        "overrides": args.set,
+        "model": m["model"],
+        "train": jconfig.to_dict(cfg.train),
+        "test_accuracy": m["test_accuracy"],
+        "valid_accuracy": m["valid_accuracy"],
+        "best_epoch": m["best_epoch"],
+        "train_time_s": round(m["train_time_s"], 1),
+        "total_time_s": round(wall, 1),
+        "seconds_per_epoch": [round(h["seconds"], 1) for h in m["history"]],
+        "history": m["history"],
+        "num_params": m["num_params"],
+        "num_train": m["num_train"],
+        "meets_accuracy_target": m["test_accuracy"] >= TARGET_ACCURACY,
+        "meets_time_target": m["train_time_s"] <= TARGET_SECONDS,
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out = Path(args.results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"test accuracy {m['test_accuracy']:.4f} (target {TARGET_ACCURACY}), training "
+          f"{m['train_time_s']:.1f} s (target {TARGET_SECONDS:.0f} s), total {wall:.1f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1103 @@
+"""Patching weak models with modules (SPEC §8): tasks, weak models, patching, metrics, driver.
+
+A *weak* model is trained on a mixed task whose last class is the target class (TC); the
+*strong* model (the run's model) recognises the TC well. Patching swaps the weak model's TC
+probability for the calibrated TC logit of the strong model's TC *module* (`jaxsplit.compose`):
+
+    patched(x) = argmax concat(softmax(weak(x))[:, :-1], calibrate(module(x)))
+
+Tasks
+-----
+* ``"self"`` (`make_self_task`), on any N-class dataset: the strong model knows classes A
+  (``patch.strong_classes``), the weak model learns classes B (``patch.weak_classes``) plus one
+  TC from A, with at most ``patch.tc_train_images`` TC training images. Weak labels: B relabelled
+  ``0 .. |B|-1`` in the order given, TC = ``|B|`` (the last class). The weak valid and test
+  splits keep every image of B and TC (the test split is the dataset's test split).
+* ``"cifar100_cifar10"`` (`make_cifar100_cifar10_task`), the reference's main task: 9 CIFAR-100
+  classes + a CIFAR-10 TC with 500 training images (split 80/20 into train/valid) and 100 test
+  images; the strong model is a CIFAR-10 model. Loaded through TFDS (`load_cifar100_cifar10`,
+  needs internet the first time).
+
+Protocol decision: which strong model
+-------------------------------------
+The run's strong model may have been trained on all N classes (the demo trains one 10-class
+model and modularises it once, to save time) or only on A (the faithful protocol:
+``configs/fashion_mnist_self_patch.yaml`` trains the strong model with
+``data.classes: [0, 1, 2, 3, 4]``). Either way the module for TC comes from the run's
+modularization (``runs/NAME/modularize/masks.npz``), physically extracted with
+`jaxsplit.extract.extract`; its output is the strong model's logit for TC. When the strong model
+was trained on a subset, class ids are mapped through ``data.classes`` (TC's module is row
+``data.classes.index(TC)`` of the masks, and its logit that column). Training the strong model on
+all N classes means it has seen the weak classes B as negatives, which makes its TC module a
+better one-vs-rest detector than in the faithful protocol; results of the two are reported
+separately and must not be mixed.
+
+Calibration data
+----------------
+* Unsupervised calibrations (min-max, percentile, IQR, z-norm) are fitted, as in the reference,
+  on the module's outputs on the TC images of the strong model's own **valid** split (images the
+  strong model did not train on).
+* Learned calibrations (temperature, Platt) need negatives too: they are fitted on held-out
+  data = the weak task's valid images of classes B (never TC) plus those same TC valid images,
+  with binary labels (1 = TC).
+The test split is used only for the reported metrics.
+
+Metrics (on the weak task's test split, before and after patching): TC precision, recall, F1;
+non-TC accuracy (images whose label is not TC; predicting TC for them is an error); overall
+accuracy; confusion matrix; the expected calibration error (ECE) of the calibrated module score
+as a TC probability; the module's MACs/parameters against the strong model's. A baseline patches
+with the WHOLE strong model's TC logit (same calibrations): what modularization costs or gains.
+
+The pure parts (task construction, `patch_metrics`, `evaluate_patch`) take arrays and apply
+functions; `run_patch` is the driver (loads the run, trains/caches weak models, writes JSON and
+plots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsplit import calibration as calib
+from jaxsplit import checkpoint
+from jaxsplit import compose as jcompose
+from jaxsplit import config as jconfig
+from jaxsplit import data as jdata
+from jaxsplit import metrics, pipeline
+from jaxsplit import train as jtrain
+
+__all__ = [
+    "PatchError",
+    "PatchTask",
+    "make_self_task",
+    "make_cifar100_cifar10_task",
+    "CalibrationData",
+    "batched",
+    "patch_scores",
+    "patch_metrics",
+    "evaluate_patch",
+    "fit_calibration",
+    "average_metrics",
+    "average_results",
+    "acceptance",
+    "plot_results",
+    "load_cifar100_cifar10",
+    "weak_config",
+    "train_weak",
+    "poor_fit_config",
+    "train_poor_fit",
+    "load_masks",
+    "tc_module",
+    "format_table",
+    "run_patch",
+    "CIFAR100_REFERENCE_CLASSES",
+]
+
+CIFAR100_REFERENCE_CLASSES = (0, 2, 5, 8, 9, 12, 15, 22, 70)  # apple baby bed bicycle bottle bridge camel clock rose
+
+
+class PatchError(ValueError):
+    """A patching setting or input that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatchTask:
+    """A weak model's mixed task; labels live in the weak model's space (TC last).
+
+    Attributes:
+      train, valid, test: `jaxsplit.data.Dataset` with ``num_classes = K = |B| + 1``; label
+        ``K - 1`` is the TC.
+      target_class: the TC's class id in the strong model's dataset (e.g. 0..9 of CIFAR-10).
+      weak_classes: the source class ids of weak labels ``0 .. K-2`` (in the weak-side dataset).
+      name: a short description for reports.
+    """
+
+    train: jdata.Dataset
+    valid: jdata.Dataset
+    test: jdata.Dataset
+    target_class: int
+    weak_classes: tuple[int, ...]
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        """K, the weak model's number of classes."""
+        return len(self.weak_classes) + 1
+
+    @property
+    def tc_index(self) -> int:
+        """The TC's label in the weak model's space (always the last, ``K - 1``)."""
+        return len(self.weak_classes)
+
+    def counts(self) -> dict[str, list[int]]:
+        """Images per weak class in each split (JSON-ready)."""
+        return {s: getattr(self, s).class_counts().tolist() for s in ("train", "valid", "test")}
+
+
+def _check_class_ids(ids: Sequence[int], num_classes: int, what: str) -> tuple[int, ...]:
+    out = []
+    for c in ids:
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+            raise PatchError(f"{what}: class ids must be ints, got {c!r}")
+        if not 0 <= int(c) < num_classes:
+            raise PatchError(f"{what}: class id {int(c)} is out of range for a {num_classes}-class dataset")
+        out.append(int(c))
+    if len(set(out)) != len(out):
+        raise PatchError(f"{what}: repeated class ids in {out}")
+    return tuple(out)
+
+
+def _check_count(value: int | None, what: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PatchError(f"{what} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def make_self_task(
+    train: jdata.Dataset,
+    valid: jdata.Dataset,
+    test: jdata.Dataset,
+    strong_classes: Sequence[int],
+    weak_classes: Sequence[int],
+    tc: int,
+    tc_train_images: int,
+    seed: int,
+) -> PatchTask:
+    """The "self" mixed task on one N-class dataset.
+
+    Args:
+      train, valid, test: the dataset's splits, N-class labels, same image shape.
+      strong_classes: A, the strong model's classes (TC must be one of them).
+      weak_classes: B, the weak model's own classes (disjoint from A).
+      tc: the target class, a member of A.
+      tc_train_images: keep at most this many TC images in the weak training split (chosen at
+        random by ``seed``); valid and test keep every TC image.
+      seed: seed of that choice.
+
+    Returns:
+      A `PatchTask` with labels ``B -> 0 .. |B|-1`` (in the given order) and ``TC -> |B|``.
+    """
+    num_classes = train.num_classes
+    for name, ds in (("valid", valid), ("test", test)):
+        if ds.num_classes != num_classes:
+            raise PatchError(f"{name} has {ds.num_classes} classes but train has {num_classes}")
+        if ds.image_shape != train.image_shape:
+            raise PatchError(f"{name} images are {ds.image_shape} but train images are {train.image_shape}")
+    strong = _check_class_ids(strong_classes, num_classes, "strong_classes")
+    weak = _check_class_ids(weak_classes, num_classes, "weak_classes")
+    (tc,) = _check_class_ids([tc], num_classes, "tc")
+    if not weak:
+        raise PatchError("weak_classes must name at least one class")
+    if tc not in strong:
+        raise PatchError(f"target class {tc} is not among strong_classes {strong}")
+    overlap = sorted(set(strong) & set(weak))
+    if overlap:
+        raise PatchError(f"weak_classes {weak} overlap strong_classes {strong} at {overlap}")
+    _check_count(tc_train_images, "tc_train_images")
+    classes = (*weak, tc)
+    tc_index = len(weak)
+    train_w = jdata.select_classes(train, classes, relabel=True)
+    train_w = jdata.subsample_per_class(seed, train_w, int(tc_train_images), classes=[tc_index])
+    valid_w = jdata.select_classes(valid, classes, relabel=True)
+    test_w = jdata.select_classes(test, classes, relabel=True)
+    return PatchTask(train_w, valid_w, test_w, tc, weak,
+                     name=f"self: classes {list(weak)} + TC {tc} (<= {tc_train_images} TC train images)")
+
+
+def make_cifar100_cifar10_task(
+    cifar100_train: jdata.Dataset,
+    cifar100_test: jdata.Dataset,
+    cifar10_train: jdata.Dataset,
+    cifar10_test: jdata.Dataset,
+    cifar100_classes: Sequence[int],
+    tc: int,
+    *,
+    tc_train_images: int = 500,
+    tc_test_images: int | None = 100,
+    valid_fraction: float = 0.2,
+    split_seed: int = 1009,
+    seed: int = 0,
+) -> PatchTask:
+    """The reference's mixed task: CIFAR-100 classes + one CIFAR-10 target class.
+
+    As the reference (``experiments/patch/patch_for_weak_model/train.py``): the chosen CIFAR-100
+    classes of the (unsplit) train set are split ``1 - valid_fraction`` / ``valid_fraction`` by
+    ``split_seed``; ``tc_train_images`` random TC images of the CIFAR-10 train set (as many as a
+    CIFAR-100 class has) are split the same way; the test split is the CIFAR-100 test images of
+    the chosen classes plus ``tc_test_images`` TC test images (as many as a CIFAR-100 class has;
+    None: all). Works on any datasets with these roles (tests use small arrays).
+
+    Args:
+      cifar100_train, cifar100_test: the weak side's dataset (unsplit train, test).
+      cifar10_train, cifar10_test: the strong side's dataset (unsplit train, test).
+      cifar100_classes: the weak classes B (CIFAR-100 ids; reference
+        `CIFAR100_REFERENCE_CLASSES`).
+      tc: the TC, a CIFAR-10 class id.
+      tc_train_images: TC images taken from the CIFAR-10 train set (train + valid).
+      tc_test_images: TC test images kept (the first ones), or None for all.
+      valid_fraction, split_seed: the 80/20 split (reference seed 1009).
+      seed: seed of the choice of TC images.
+
+    Returns:
+      A `PatchTask`; labels: B -> ``0 .. |B|-1``, TC -> ``|B|``.
+    """
+    for name, ds in (("cifar100_test", cifar100_test), ("cifar10_train", cifar10_train),
+                     ("cifar10_test", cifar10_test)):
+        if ds.image_shape != cifar100_train.image_shape:
+            raise PatchError(f"{name} images are {ds.image_shape} but cifar100_train images are "
+                             f"{cifar100_train.image_shape}")
+    weak = _check_class_ids(cifar100_classes, cifar100_train.num_classes, "cifar100_classes")
+    if not weak:
+        raise PatchError("cifar100_classes must name at least one class")
+    (tc,) = _check_class_ids([tc], cifar10_train.num_classes, "tc")
+    _check_count(tc_train_images, "tc_train_images")
+    _check_count(tc_test_images, "tc_test_images", allow_none=True)
+    tc_index = len(weak)
+    k = tc_index + 1
+
+    def weak_side(ds: jdata.Dataset) -> jdata.Dataset:
+        return jdata.select_classes(ds, weak, relabel=True)
+
+    def tc_side(ds: jdata.Dataset) -> jdata.Dataset:
+        return jdata.select_classes(ds, [tc], relabel=True)  # one class, label 0
+
+    train_b, valid_b = jdata.split(weak_side(cifar100_train), valid_fraction, split_seed)
+    tc_all = tc_side(cifar10_train)
+    if len(tc_all) == 0:
+        raise PatchError(f"cifar10_train has no image of target class {tc}")
+    tc_pool = jdata.subsample_per_class(seed, tc_all, int(tc_train_images))
+    train_t, valid_t = jdata.split(tc_pool, valid_fraction, split_seed)
+    test_t = tc_side(cifar10_test)
+    if tc_test_images is not None:
+        test_t = jdata.take(test_t, int(tc_test_images))
+
+    names = None
+    if cifar100_train.class_names is not None and cifar10_train.class_names is not None:
+        names = tuple(cifar100_train.class_names[c] for c in weak) + (cifar10_train.class_names[tc],)
+
+    def mix(b: jdata.Dataset, t: jdata.Dataset) -> jdata.Dataset:
+        b = dataclasses.replace(b, class_names=None)
+        t = dataclasses.replace(t, class_names=None)
+        return dataclasses.replace(jdata.concat(b, t, offset_labels=tc_index, num_classes=k),
+                                   class_names=names)
+
+    return PatchTask(mix(train_b, train_t), mix(valid_b, valid_t), mix(weak_side(cifar100_test), test_t),
+                     tc, weak,
+                     name=f"cifar100_cifar10: CIFAR-100 classes {list(weak)} + CIFAR-10 TC {tc} "
+                          f"({tc_train_images} TC images)")
+
+
+# --------------------------------------------------------------------------------------------
+# Patching and its metrics (pure: arrays and apply functions in, JSON-ready dicts out).
+
+
+class CalibrationData(NamedTuple):
+    """The module's raw TC scores on the data its calibrations are fitted on.
+
+    Attributes:
+      tc_scores: ``(M,)`` scores on TC valid images (fit of the unsupervised methods).
+      heldout_scores: ``(M2,)`` scores on held-out labelled images (fit of the learned methods).
+      heldout_labels: ``(M2,)`` binary, 1 = TC.
+    """
+
+    tc_scores: np.ndarray
+    heldout_scores: np.ndarray
+    heldout_labels: np.ndarray
+
+
+def fit_calibration(name: str, data: CalibrationData) -> tuple[calib.Calibration, Any]:
+    """Fits calibration ``name`` on the right part of ``data``.
+
+    Unsupervised methods see ``tc_scores`` only (the reference's fit on TC valid images);
+    ``temperature``/``platt`` see ``heldout_scores`` with their binary labels.
+
+    Returns:
+      ``(method, state)``, the pair `jaxsplit.compose.compose` accepts as ``calibrate``.
+    """
+    method = calib.get(name)
+    if name in calib.SUPERVISED:
+        state = method.fit(jnp.asarray(data.heldout_scores), jnp.asarray(data.heldout_labels))
+    else:
+        state = method.fit(jnp.asarray(data.tc_scores))
+    return method, state
+
+
+def _weak_logits(inputs: dict) -> jax.Array:
+    return inputs["weak"]
+
+
+def _module_scores(inputs: dict) -> jax.Array:
+    return inputs["module"]
+
+
+def patch_scores(
+    weak_logits: Any,
+    module_scores: Any,
+    calibrate: jcompose.CalibrateLike,
+    tc_index: int = -1,
+) -> jax.Array:
+    """Patched scores from precomputed outputs, through `jaxsplit.compose.compose`.
+
+    The weak model and the module are each run once over the test images; `compose` is then
+    applied to lookups of those outputs, so trying several calibrations costs no forward pass.
+
+    Args:
+      weak_logits: ``(N, K)`` weak model logits.
+      module_scores: ``(N,)`` raw module TC scores.
+      calibrate: what `compose` accepts (a fitted ``(Calibration, state)`` pair, a callable,
+        or None).
+      tc_index: the TC column of the weak model.
+
+    Returns:
+      ``(N, K)`` patched scores; argmax is the patched prediction.
+    """
+    patched = jcompose.compose(_weak_logits, _module_scores, target_index=tc_index,
+                               calibrate=calibrate)
+    return patched({"weak": jnp.asarray(weak_logits), "module": jnp.asarray(module_scores)})
+
+
+def _state_dict(state: Any) -> dict[str, float]:
+    if hasattr(state, "_asdict"):
+        return {k: float(v) for k, v in state._asdict().items()}
+    return {}
+
+
+def patch_metrics(
+    weak_logits: Any,
+    module_scores: Any,
+    labels: Any,
+    tc_index: int,
+    calibrations: Sequence[str],
+    calibration_data: CalibrationData,
+    num_bins: int = 15,
+) -> dict:
+    """Before/after metrics of patching one weak model with one module.
+
+    Args:
+      weak_logits: ``(N, K)`` weak model logits on the test images.
+      module_scores: ``(N,)`` raw module TC scores on the same images.
+      labels: ``(N,)`` weak-space labels.
+      tc_index: the TC's label.
+      calibrations: names (`jaxsplit.calibration.NAMES`).
+      calibration_data: the module's scores to fit the calibrations on.
+      num_bins: bins of the expected calibration error.
+
+    Returns:
+      ``{"before": m, "after": {name: m}}`` where ``m`` is
+      `jaxsplit.metrics.target_class_summary` plus ``tc_ece`` (ECE of the TC probability: the
+      weak softmax before, the calibrated module score after) and, after, the fitted
+      ``calibration_state``.
+    """
+    weak_logits = np.asarray(weak_logits)
+    labels = np.asarray(labels)
+    module_scores = np.asarray(module_scores)
+    if weak_logits.ndim != 2 or weak_logits.shape[0] != labels.shape[0]:
+        raise PatchError(f"weak_logits must be (N, K) with N = {labels.shape[0]} labels, got {weak_logits.shape}")
+    if module_scores.shape != labels.shape:
+        raise PatchError(f"module_scores must be (N,) with N = {labels.shape[0]} labels, got {module_scores.shape}")
+    num_classes = weak_logits.shape[1]
+    if not 0 <= tc_index < num_classes:
+        raise PatchError(f"tc_index {tc_index} is out of range for {num_classes} weak classes")
+    is_tc = (labels == tc_index).astype(np.int32)
+    before = metrics.target_class_summary(labels, weak_logits.argmax(-1), num_classes, tc_index)
+    weak_tc_prob = jax.nn.softmax(jnp.asarray(weak_logits), axis=-1)[:, tc_index]
+    before["tc_ece"] = float(calib.expected_calibration_error(weak_tc_prob, is_tc, num_bins))
+    after = {}
+    for name in calibrations:
+        method, state = fit_calibration(name, calibration_data)
+        scores = np.asarray(patch_scores(weak_logits, module_scores, (method, state), tc_index))
+        m = metrics.target_class_summary(labels, scores.argmax(-1), num_classes, tc_index)
+        m["tc_ece"] = float(calib.expected_calibration_error(scores[:, tc_index], is_tc, num_bins))
+        m["calibration_state"] = _state_dict(state)
+        after[name] = m
+    return {"before": before, "after": after}
+
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def batched(apply_fn: Callable[[jax.Array], jax.Array], batch_size: int = 1000) -> PredictFn:
+    """A host predictor from a pure apply function: jitted once, run in fixed-size batches.
+
+    Args:
+      apply_fn: ``images (B, H, W, C) -> outputs (B, ...)``, pure and jit-able.
+      batch_size: B. Every batch (the last one zero-padded) has exactly this size, so one
+        compilation serves every call whatever N.
+
+    Returns:
+      ``predict(images (N, H, W, C)) -> numpy outputs (N, ...)``.
+    """
+    _check_count(batch_size, "batch_size")
+    fn = jax.jit(apply_fn)
+    size = int(batch_size)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images)
+        n = images.shape[0]
+        if n == 0:
+            raise PatchError("cannot predict on zero images")
+        outs = []
+        for start in range(0, n, size):
+            batch = images[start:start + size]
+            pad = size - batch.shape[0]
+            if pad:
+                batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+            outs.append(np.asarray(fn(jnp.asarray(batch)))[: size - pad])
+        return np.concatenate(outs)
+
+    return predict
+
+
+def _as_scores(out: np.ndarray, what: str) -> np.ndarray:
+    if out.ndim == 2 and out.shape[1] == 1:
+        out = out[:, 0]
+    if out.ndim != 1:
+        raise PatchError(f"{what} must return (N,) or (N, 1) TC scores, got shape {out.shape}")
+    return out
+
+
+def evaluate_patch(
+    weak_predict: PredictFn,
+    module_predict: PredictFn,
+    task: PatchTask,
+    tc_valid_images: np.ndarray,
+    calibrations: Sequence[str],
+    *,
+    num_bins: int = 15,
+    weak_test_logits: np.ndarray | None = None,
+) -> dict:
+    """Runs a weak model and a TC module over a task and measures patching (`patch_metrics`).
+
+    Each model runs once per image set (host predictors, e.g. `batched(apply_fn)` or
+    `jaxsplit.train.predict_logits`); the patched model is then `jaxsplit.compose.compose` of
+    the two on those outputs (`patch_scores`), once per calibration.
+
+    Args:
+      weak_predict: ``images (N, H, W, C) -> (N, K)`` weak logits.
+      module_predict: ``images -> (N,)`` or ``(N, 1)`` raw TC scores (a module, or a whole
+        model's TC logit for the baseline).
+      task: the weak task (its ``test`` split is measured; its ``valid`` images of the non-TC
+        classes are the negatives of the learned calibrations' held-out data).
+      tc_valid_images: ``(M, H, W, C)`` TC images of the strong model's valid split: the
+        unsupervised calibrations' fit data and the positives of the learned ones.
+      calibrations: calibration names.
+      num_bins: ECE bins.
+      weak_test_logits: precomputed ``weak_predict(task.test.images)`` (reused across modules).
+
+    Returns:
+      The dict of `patch_metrics`.
+    """
+    if len(tc_valid_images) == 0:
+        raise PatchError(f"no TC valid image to fit the calibrations of target class {task.target_class}")
+    if weak_test_logits is None:
+        weak_test_logits = np.asarray(weak_predict(task.test.images))
+    test_scores = _as_scores(np.asarray(module_predict(task.test.images)), "module_predict")
+    tc_scores = _as_scores(np.asarray(module_predict(tc_valid_images)), "module_predict")
+    negatives = task.valid.images[task.valid.labels != task.tc_index]
+    if len(negatives):
+        neg_scores = _as_scores(np.asarray(module_predict(negatives)), "module_predict")
+    else:
+        neg_scores = np.zeros((0,), tc_scores.dtype)
+    data = CalibrationData(
+        tc_scores=tc_scores,
+        heldout_scores=np.concatenate([neg_scores, tc_scores]),
+        heldout_labels=np.concatenate([np.zeros(len(neg_scores), np.int32), np.ones(len(tc_scores), np.int32)]),
+    )
+    return patch_metrics(weak_test_logits, test_scores, task.test.labels, task.tc_index, calibrations,
+                         data, num_bins)
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation over target classes.
+
+_AVERAGED = ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy", "accuracy", "tc_ece")
+ACCEPTANCE_CRITERION = ("averaged over the target classes, the patched models improve TC precision and "
+                        "TC recall over the weak models and lower non-TC accuracy by at most 1 point")
+
+
+def average_metrics(per_tc: Sequence[dict]) -> dict[str, float]:
+    """Mean of the scalar metrics (`_AVERAGED`) over target classes."""
+    if not per_tc:
+        raise PatchError("no per-target-class metrics to average")
+    return {k: float(np.mean([m[k] for m in per_tc])) for k in _AVERAGED if all(k in m for m in per_tc)}
+
+
+def average_results(per_tc: dict[str, dict], calibrations: Sequence[str]) -> dict:
+    """Averages of `patch_metrics`-style results over target classes.
+
+    Args:
+      per_tc: ``{tc: {"before": m, "module_patch": {cal: m}, "whole_model_patch": {cal: m}}}``.
+      calibrations: the calibration names.
+
+    Returns:
+      ``{"before": avg, "module_patch": {cal: avg}, "whole_model_patch": {cal: avg}}``.
+    """
+    rows = list(per_tc.values())
+    out = {"before": average_metrics([r["before"] for r in rows])}
+    for kind in ("module_patch", "whole_model_patch"):
+        if all(kind in r for r in rows):
+            out[kind] = {c: average_metrics([r[kind][c] for r in rows]) for c in calibrations}
+    return out
+
+
+def acceptance(average: dict, calibration: str, max_non_tc_drop: float = 0.01) -> dict:
+    """The project's acceptance check on averaged results, for one (pre-declared) calibration.
+
+    Passed when the patched models' mean TC precision and mean TC recall are both higher than the
+    weak models', and mean non-TC accuracy is at most ``max_non_tc_drop`` lower.
+    """
+    before, after = average["before"], average["module_patch"][calibration]
+    delta = {k: after[k] - before[k] for k in ("tc_precision", "tc_recall", "non_tc_accuracy")}
+    passed = delta["tc_precision"] > 0 and delta["tc_recall"] > 0 and delta["non_tc_accuracy"] >= -max_non_tc_drop
+    return {"calibration": calibration, "criterion": ACCEPTANCE_CRITERION,
+            **{f"delta_{k}": float(v) for k, v in delta.items()}, "passed": bool(passed)}
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (driver edge: matplotlib, Agg backend).
+
+
+def plot_results(results: dict, out_dir: Path) -> list[Path]:
+    """Writes the patching plots of a `run_patch` results dict into ``out_dir``.
+
+    * ``patch_tc_bars.png``: TC precision and recall per TC, weak vs patched (primary calibration);
+    * ``patch_calibrations.png``: averaged metrics per calibration, module vs whole strong model;
+    * ``patch_module_size.png``: each TC module's MACs / parameters / kernels as % of the model.
+
+    Returns:
+      The written paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    per_tc = results["per_tc"]
+    tcs = list(per_tc)
+    primary = results["primary_calibration"]
+    x = np.arange(len(tcs))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, key, title in zip(axes, ("tc_precision", "tc_recall"), ("TC precision", "TC recall")):
+        before = [100 * per_tc[t]["before"][key] for t in tcs]
+        after = [100 * per_tc[t]["module_patch"][primary][key] for t in tcs]
+        whole = [100 * per_tc[t]["whole_model_patch"][primary][key] for t in tcs]
+        ax.bar(x - 0.27, before, 0.27, label="weak")
+        ax.bar(x, after, 0.27, label=f"patched (module, {primary})")
+        ax.bar(x + 0.27, whole, 0.27, label="patched (whole model)")
+        ax.set_xticks(x, [str(t) for t in tcs])
+        ax.set_xlabel("target class")
+        ax.set_title(title)
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("%")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    written.append(out_dir / "patch_tc_bars.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    avg = results["average"]
+    cals = list(results["calibrations"])
+    keys = ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy")
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * (len(cals) + 1) + 1.5), 3.5))
+    groups = ["weak"] + cals
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        vals = [avg["before"][key]] + [avg["module_patch"][c][key] for c in cals]
+        ax.bar(np.arange(len(groups)) + (j - 1.5) * width, [100 * v for v in vals], width, label=key)
+        whole = [np.nan] + [avg["whole_model_patch"][c][key] for c in cals]
+        ax.scatter(np.arange(len(groups)) + (j - 1.5) * width, [100 * v for v in whole], marker="_",
+                   color="black", s=60, zorder=3, label="whole model" if j == 0 else None)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("% (mean over TCs)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Mean over TCs: patched with the module (bars), with the whole strong model (ticks)",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    written.append(out_dir / "patch_calibrations.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for j, (key, label) in enumerate((("macs_fraction", "MACs"), ("params_fraction", "parameters"),
+                                      ("kept_fraction", "kernels"))):
+        vals = [per_tc[t]["module"].get(key, np.nan) for t in tcs]
+        ax.bar(x + (j - 1) * 0.27, [100 * v for v in vals], 0.27, label=label)
+    ax.set_xticks(x, [str(t) for t in tcs])
+    ax.set_xlabel("target class")
+    ax.set_ylabel("% of the strong model")
+    ax.set_ylim(0, 105)
+    ax.set_title("Module size per class")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    written.append(out_dir / "patch_module_size.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Data loading for the driver (I/O edge).
+
+
+def _renormalize(ds: jdata.Dataset, from_stats: dict, to_stats: dict) -> jdata.Dataset:
+    """Images normalised with ``from_stats`` re-expressed with ``to_stats`` (exact, affine)."""
+    mean_f, std_f = np.asarray(from_stats["mean"], np.float32), np.asarray(from_stats["std"], np.float32)
+    mean_t, std_t = np.asarray(to_stats["mean"], np.float32), np.asarray(to_stats["std"], np.float32)
+    if np.array_equal(mean_f, mean_t) and np.array_equal(std_f, std_t):
+        return ds
+    images = ((ds.images * std_f + mean_f) - mean_t) / std_t
+    return dataclasses.replace(ds, images=images.astype(np.float32))
+
+
+def _strong_local_class(data_cfg: Any, tc: int) -> int:
+    """The strong model's label of dataset class ``tc`` (mapped through ``data.classes``)."""
+    if data_cfg.classes is None:
+        return int(tc)
+    if tc not in data_cfg.classes:
+        raise PatchError(
+            f"target class {tc} is not among the strong model's data.classes {list(data_cfg.classes)}; "
+            f"patch.target_classes / patch.strong_classes must be classes the strong model was trained on")
+    return list(data_cfg.classes).index(tc)
+
+
+def load_cifar100_cifar10(data_cfg: Any, stats: dict) -> dict[str, jdata.Dataset]:
+    """CIFAR-100 and CIFAR-10 (unsplit train, test) through TFDS, padded and normalised with the
+    strong model's statistics ``stats`` (``{"mean", "std"}``). Needs `tensorflow_datasets`."""
+    source = data_cfg.source if data_cfg.source in ("tfds", "npz") else "tfds"
+    out = {}
+    for name in ("cifar100", "cifar10"):
+        for split in ("train", "test"):
+            ds = jdata.load(source, name, split, data_cfg.data_dir)
+            ds = jdata.pad_to(ds, data_cfg.image_size)
+            out[f"{name}_{split}"] = jdata.normalize(ds, stats["mean"], stats["std"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Weak models (driver edge: training, checkpoints under runs/NAME/patch/).
+
+# Patch fields that do not change a weak model: excluded from its cached config, so that trying
+# other calibrations or target classes reuses the trained weak models.
+_NOT_WEAK_FIELDS = ("target_classes", "calibrations", "calibration_bins", "poor_fit",
+                    "underfit_epochs", "overfit_epochs", "poor_fit_images_per_class")
+
+
+def weak_config(run_cfg: Any, pcfg: Any, task: PatchTask) -> Any:
+    """The `jaxsplit.config.Config` a weak model is trained with.
+
+    Model ``patch.weak_model`` at ``patch.weak_width`` (its family's dropout); training as the
+    run's ``train`` section except optimizer, learning rate, epochs (``patch.weak_*``), seed
+    (``patch.seed``) and no warm-up. ``data.classes`` records the weak classes + TC (the data
+    itself is the task's, passed explicitly).
+    """
+    default = jconfig.PatchConfig()
+    patch_section = dataclasses.replace(pcfg, **{f: getattr(default, f) for f in _NOT_WEAK_FIELDS})
+    # Only what changes the weak model is kept: the data location and the search settings are
+    # reset, so that moving the data or re-running the search does not retrain weak models.
+    data = dataclasses.replace(run_cfg.data, classes=None, data_dir=None)
+    if pcfg.task == "self":
+        data = dataclasses.replace(data, classes=(*task.weak_classes, task.target_class))
+    return dataclasses.replace(
+        run_cfg,
+        name=f"{run_cfg.name}_weak_tc{task.target_class}",
+        data=data,
+        model=jconfig.ModelConfig(name=pcfg.weak_model, width=pcfg.weak_width, dropout=None),
+        train=dataclasses.replace(run_cfg.train, optimizer=pcfg.weak_optimizer,
+                                  learning_rate=pcfg.weak_learning_rate, epochs=pcfg.weak_epochs,
+                                  warmup_epochs=0, seed=pcfg.seed),
+        search=jconfig.SearchConfig(),
+        patch=patch_section,
+    )
+
+
+def _cached_model(workdir: Path, cfg: Any) -> tuple[Any, Any, dict] | None:
+    """``(model, params, metrics)`` of a checkpoint in ``workdir`` trained with ``cfg``, or None."""
+    if not checkpoint.checkpoint_path(workdir).exists():
+        return None
+    try:
+        model, params, saved_cfg, metrics = checkpoint.load_model(workdir)
+    except checkpoint.CheckpointError:
+        return None
+    if jconfig.to_dict(saved_cfg) != jconfig.to_dict(cfg):
+        return None
+    return model, params, metrics
+
+
+def train_weak(cfg: Any, task: PatchTask, workdir: Path, *, progress: bool = True) -> tuple[Any, Any, dict, bool]:
+    """Trains the weak model of ``task`` with `jaxsplit.train.train_and_evaluate` (best on valid),
+    or reuses the one cached in ``workdir`` when it was trained with the same config.
+
+    Returns:
+      ``(model, params, metrics, reused)``.
+    """
+    workdir = Path(workdir)
+    cached = _cached_model(workdir, cfg)
+    if cached is not None:
+        return (*cached, True)
+    overwrite = checkpoint.checkpoint_path(workdir).exists()
+    res = jtrain.train_and_evaluate(cfg, workdir, data=(task.train, task.valid, task.test),
+                                    progress=progress, overwrite=overwrite)
+    return res.model, res.params, res.metrics, False
+
+
+def poor_fit_config(weak_cfg: Any, pcfg: Any) -> Any:
+    """The config of the poor-fit run: ``overfit_epochs`` at a constant learning rate, no weight
+    decay, no dropout (the reference trains its poor-fit models with plain SGD, no
+    regularisation, and takes an early and a late epoch's checkpoint)."""
+
+    return dataclasses.replace(
+        weak_cfg,
+        name=weak_cfg.name + "_poor_fit",
+        model=jconfig.ModelConfig(name=weak_cfg.model.name, width=weak_cfg.model.width, dropout=0.0),
+        train=dataclasses.replace(weak_cfg.train, epochs=pcfg.overfit_epochs, weight_decay=0.0,
+                                  schedule="constant", augment=False),
+        patch=dataclasses.replace(weak_cfg.patch, underfit_epochs=pcfg.underfit_epochs,
+                                  overfit_epochs=pcfg.overfit_epochs,
+                                  poor_fit_images_per_class=pcfg.poor_fit_images_per_class),
+    )
+
+
+def train_poor_fit(cfg: Any, task: PatchTask, underfit_epochs: int, workdir: Path, *,
+                   progress: bool = True) -> dict[str, tuple[Any, Any, dict]]:
+    """One unregularised run of ``cfg.train.epochs`` epochs on ``task.train``; the parameters
+    after ``underfit_epochs`` epochs are the under-fitted model, the final ones the over-fitted
+    model (no best-on-valid selection). Cached in ``workdir/{underfit,overfit}/``.
+
+    Returns:
+      ``{"underfit": (model, params, metrics), "overfit": (...)}``; metrics hold the train,
+      valid and test accuracy and the snapshot's epoch.
+    """
+    workdir = Path(workdir)
+    snapshots = {"underfit": min(int(underfit_epochs), cfg.train.epochs), "overfit": cfg.train.epochs}
+    cached = {k: _cached_model(workdir / k, cfg) for k in snapshots}
+    if all(c is not None and c[2].get("snapshot_epoch") == snapshots[k] for k, c in cached.items()):
+        return cached  # type: ignore[return-value]
+    h, _, c = task.train.image_shape
+    model = pipeline.build_model(cfg.model, task.num_classes, c, h)
+    batch_size = min(cfg.train.batch_size, len(task.train))
+    tx = jtrain.make_optimizer(cfg.train, len(task.train) // batch_size)
+    init_key, dropout_key = jax.random.split(jax.random.key(cfg.train.seed))
+    state = jtrain.create_train_state(init_key, model, tx)
+    params_at = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.epochs, unit="epoch", desc=f"poor-fit {cfg.name}", dynamic_ncols=True)
+    try:
+        for epoch in range(1, cfg.train.epochs + 1):
+            state, _ = jtrain.train_epoch(state, task.train, batch_size, dropout_key, epoch=epoch,
+                                          seed=cfg.train.seed, augment=False)
+            for kind, at in snapshots.items():
+                if epoch == at:
+                    params_at[kind] = state.params
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = {}
+    for kind, params in params_at.items():
+        m = {"snapshot_epoch": snapshots[kind]}
+        for split in ("train", "valid", "test"):
+            m[f"{split}_accuracy"] = jtrain.evaluate(model, params, getattr(task, split),
+                                                     cfg.train.eval_batch_size)["accuracy"]
+        (workdir / kind).mkdir(parents=True, exist_ok=True)
+        jconfig.save(cfg, workdir / kind / "config.yaml")
+        checkpoint.save_model(workdir / kind, params, cfg, m, model=model, overwrite=True)
+        out[kind] = (model, params, m)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Modules of the strong model.
+
+
+def load_masks(path: Path, model: Any) -> dict[str, np.ndarray]:
+    """``{conv_name: bool (C, K_l)}`` from ``modularize/masks.npz``, checked against ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no module masks at {str(path)!r}; run the modularization first "
+            f"(`jaxsplit modularize --run {path.parent.parent}`)")
+    with np.load(path, allow_pickle=False) as f:
+        masks = {k: np.asarray(f[k]).astype(bool) for k in f.files}
+    spec = model.conv_spec()
+    if set(masks) != set(spec.names):
+        raise PatchError(f"{path}: mask layers {sorted(masks)} do not match the model's conv layers "
+                         f"{list(spec.names)}")
+    for layer in spec.layers:
+        shape = masks[layer.name].shape
+        if shape != (model.num_classes, layer.num_kernels):
+            raise PatchError(f"{path}: mask {layer.name} has shape {shape}, expected "
+                             f"({model.num_classes}, {layer.num_kernels}) (classes, kernels)")
+    return masks
+
+
+def _module_stats(model: Any, params: Any, mask: dict[str, np.ndarray]) -> dict:
+    """Kept kernels / params / MACs of a module as fractions of the model."""
+    from jaxsplit import extract
+
+    stats = None
+    for name in ("module_stats", "stats_from_mask"):
+        fn = getattr(extract, name, None)
+        if fn is not None:
+            try:
+                stats = fn(model, params, mask) if name == "module_stats" else fn(model, mask)
+                break
+            except TypeError:
+                continue
+    if stats is None:
+        from jaxsplit.search.driver import module_stats_fallback
+
+        stats = module_stats_fallback(model, mask)
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v)
+            for k, v in dict(stats).items() if _is_json_scalar(v)}
+
+
+def _is_json_scalar(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str, np.integer, np.floating)) or v is None
+
+
+def tc_module(model: Any, params: Any, masks: dict[str, np.ndarray], local_tc: int) -> tuple[Any, Any, dict]:
+    """The physically extracted module of class ``local_tc`` and its size.
+
+    Returns:
+      ``(small_model, small_params, stats)``; ``small_model`` applied to images gives the
+      module's logits, whose ``local_tc`` column (or only column) is the TC score.
+    """
+    from jaxsplit import extract
+
+    mask = {k: v[local_tc] for k, v in masks.items()}
+    small_model, small_params = extract.extract(model, params, mask, target_class=local_tc)
+    return small_model, small_params, _module_stats(model, params, mask)
+
+
+def _column_predict(model: Any, params: Any, column: int, batch_size: int) -> PredictFn:
+    """Host predictor of one logit column (the only one when the model has a single output)."""
+    def predict(images: np.ndarray) -> np.ndarray:
+        logits = jtrain.predict_logits(model, params, images, batch_size)
+        return logits[:, 0] if logits.shape[1] == 1 else logits[:, column]
+
+    return predict
+
+
+# --------------------------------------------------------------------------------------------
+# The driver.
+
+
+def _load_tasks(pcfg: Any, data_cfg: Any) -> tuple[Callable[[int], PatchTask], jdata.Dataset, dict]:
+    """``(make_task(tc), strong_valid, strong_stats)`` for the run's data and patch settings."""
+    s_train, s_valid, s_test, s_stats = pipeline.load_splits(data_cfg)
+    if pcfg.task == "self":
+        if data_cfg.classes is None:
+            full = (s_train, s_valid, s_test)
+        else:
+            f_train, f_valid, f_test, f_stats = pipeline.load_splits(dataclasses.replace(data_cfg, classes=None))
+            full = tuple(_renormalize(d, f_stats, s_stats) for d in (f_train, f_valid, f_test))
+
+        def make_task(tc: int) -> PatchTask:
+            return make_self_task(*full, pcfg.strong_classes, pcfg.weak_classes, tc, pcfg.tc_train_images,
+                                  pcfg.seed)
+    else:
+        raw = load_cifar100_cifar10(data_cfg, s_stats)
+
+        def make_task(tc: int) -> PatchTask:
+            return make_cifar100_cifar10_task(
+                raw["cifar100_train"], raw["cifar100_test"], raw["cifar10_train"], raw["cifar10_test"],
+                pcfg.weak_classes, tc, tc_train_images=pcfg.tc_train_images, tc_test_images=pcfg.tc_test_images,
+                valid_fraction=data_cfg.valid_fraction, split_seed=data_cfg.split_seed, seed=pcfg.seed)
+    return make_task, s_valid, s_stats
+
+
+def _protocol(pcfg: Any, data_cfg: Any, num_strong_classes: int) -> str:
+    if pcfg.task == "cifar100_cifar10":
+        return (f"Strong model: the run's {data_cfg.name} model ({num_strong_classes} classes); weak models: "
+                f"CIFAR-100 classes {list(pcfg.weak_classes)} + one CIFAR-10 target class.")
+    if data_cfg.classes is None:
+        return (f"Strong model trained on all {num_strong_classes} classes (demo protocol: it has seen the weak "
+                f"classes {list(pcfg.weak_classes)} as negatives); weak models: classes "
+                f"{list(pcfg.weak_classes)} + one target class from {list(pcfg.strong_classes)}.")
+    return (f"Strong model trained only on classes {list(data_cfg.classes)} (faithful protocol); weak models: "
+            f"classes {list(pcfg.weak_classes)} + one target class from {list(pcfg.strong_classes)}.")
+
+
+def _weak_entry(metrics_: dict, reused: bool) -> dict:
+    keys = ("test_accuracy", "valid_accuracy", "best_epoch", "epochs", "train_time_s", "num_train", "num_params",
+            "snapshot_epoch", "train_accuracy")
+    return {**{k: metrics_[k] for k in keys if k in metrics_}, "reused": reused}
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of per-TC and averaged results (primary calibration)."""
+    primary = results["primary_calibration"]
+
+    def row(label: str, before: dict, after: dict, whole: dict) -> str:
+        return (f"{label:<10} {100 * before['tc_precision']:6.2f} -> {100 * after['tc_precision']:6.2f}   "
+                f"{100 * before['tc_recall']:6.2f} -> {100 * after['tc_recall']:6.2f}   "
+                f"{100 * before['non_tc_accuracy']:6.2f} -> {100 * after['non_tc_accuracy']:6.2f}   "
+                f"{100 * whole['tc_f1']:6.2f} / {100 * after['tc_f1']:6.2f}")
+
+    lines = [f"patching ({results['task']}, calibration {primary}): weak -> patched; F1 whole-model / module",
+             f"{'TC':<10} {'TC precision %':>18}   {'TC recall %':>16}   {'non-TC acc %':>16}   {'F1 %':>15}"]
+    for tc, r in results["per_tc"].items():
+        lines.append(row(str(tc), r["before"], r["module_patch"][primary], r["whole_model_patch"][primary]))
+    avg = results["average"]
+    lines.append(row("mean", avg["before"], avg["module_patch"][primary], avg["whole_model_patch"][primary]))
+    acc = results["acceptance"]
+    lines.append(f"acceptance ({acc['calibration']}): {'PASSED' if acc['passed'] else 'NOT passed'} "
+                 f"(precision {100 * acc['delta_tc_precision']:+.2f}, recall {100 * acc['delta_tc_recall']:+.2f}, "
+                 f"non-TC {100 * acc['delta_non_tc_accuracy']:+.2f} pts)")
+    return "\n".join(lines)
+
+
+def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bool = True,
+              verbose: bool = True) -> dict:
+    """Patches weak models with the run's modules and measures it (``jaxsplit patch --run``).
+
+    Loads the run's strong model (``checkpoint/``) and module masks (``modularize/masks.npz``);
+    for each target class builds the weak task, trains the weak model (cached in
+    ``patch/weak_tc{TC}/``, reused when its config is unchanged), patches it with the extracted
+    TC module under every calibration of ``cfg.patch.calibrations`` and with the whole strong
+    model (baseline), and measures before/after on the task's test split. With
+    ``patch.poor_fit`` also patches an under- and an over-fitted weak model
+    (``patch/weak_tc{TC}_poor_fit/``).
+
+    Args:
+      run_dir: the run folder.
+      cfg: the config; its ``patch`` section is used (and ``data.data_dir`` when set); the data
+        protocol (dataset, classes, split, normalisation) is the strong model's own, from its
+        checkpoint.
+      progress: progress bars while training weak models.
+      plots: write the PNG plots.
+      verbose: print the results table.
+
+    Returns:
+      The results dict, also written to ``patch/patch_results.json``.
+    """
+    import datetime
+    import json
+    import time
+
+
+    t_start = time.perf_counter()
+    run_dir = Path(run_dir)
+    pcfg = cfg.patch
+    model, params, strong_cfg, strong_metrics = checkpoint.load_model(run_dir)
+    masks = load_masks(run_dir / "modularize" / "masks.npz", model)
+    data_cfg = strong_cfg.data
+    if cfg.data.data_dir is not None:
+        data_cfg = dataclasses.replace(data_cfg, data_dir=cfg.data.data_dir)
+    target_classes = tuple(pcfg.target_classes or pcfg.strong_classes)
+    local = {tc: _strong_local_class(data_cfg, tc) for tc in target_classes}
+    for tc, lc in local.items():
+        if not 0 <= lc < model.num_classes:
+            raise PatchError(f"target class {tc} is class {lc} of the strong model, which has only "
+                             f"{model.num_classes} classes")
+    make_task, strong_valid, _ = _load_tasks(pcfg, data_cfg)
+    out_dir = run_dir / "patch"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batch_size = cfg.train.eval_batch_size
+    calibrations = list(pcfg.calibrations)
+    whole_predict = {}
+    per_tc: dict[str, dict] = {}
+    for tc in target_classes:
+        lc = local[tc]
+        task = make_task(tc)
+        tc_valid = strong_valid.images[strong_valid.labels == lc]
+        if len(tc_valid) == 0:
+            raise PatchError(f"the strong model's valid split has no image of target class {tc}")
+        wcfg = weak_config(strong_cfg, pcfg, task)
+        weak_model, weak_params, weak_metrics, reused = train_weak(wcfg, task, out_dir / f"weak_tc{tc}",
+                                                                   progress=progress)
+        small_model, small_params, stats = tc_module(model, params, masks, lc)
+        module_predict = _column_predict(small_model, small_params, lc, batch_size)
+        whole_predict = _column_predict(model, params, lc, batch_size)
+
+        def patch_one(w_model: Any, w_params: Any, baseline: bool = True) -> dict:
+            weak_predict = functools.partial(jtrain.predict_logits, w_model, w_params, batch_size=batch_size)
+            logits = weak_predict(task.test.images)
+            mod = evaluate_patch(weak_predict, module_predict, task, tc_valid, calibrations,
+                                 num_bins=pcfg.calibration_bins, weak_test_logits=logits)
+            out = {"before": mod["before"], "module_patch": mod["after"]}
+            if baseline:
+                whole = evaluate_patch(weak_predict, whole_predict, task, tc_valid, calibrations,
+                                       num_bins=pcfg.calibration_bins, weak_test_logits=logits)
+                out["whole_model_patch"] = whole["after"]
+            return out
+
+        entry = {"target_class": tc, "strong_class": lc, "task": {"name": task.name, "counts": task.counts()},
+                 "weak": _weak_entry(weak_metrics, reused), "module": stats,
+                 "num_tc_valid_images": int(len(tc_valid)), **patch_one(weak_model, weak_params)}
+        if pcfg.poor_fit:
+            small = task
+            if pcfg.poor_fit_images_per_class is not None:
+                small = dataclasses.replace(task, train=jdata.subsample_per_class(
+                    pcfg.seed, task.train, pcfg.poor_fit_images_per_class))
+            pf_cfg = poor_fit_config(wcfg, pcfg)
+            snaps = train_poor_fit(pf_cfg, small, pcfg.underfit_epochs, out_dir / f"weak_tc{tc}_poor_fit",
+                                   progress=progress)
+            entry["poor_fit"] = {kind: {"weak": _weak_entry(m, False), **patch_one(mdl, prm, baseline=False)}
+                                 for kind, (mdl, prm, m) in snaps.items()}
+        per_tc[str(tc)] = entry
+    average = average_results(per_tc, calibrations)
+    results = {
+        "task": pcfg.task,
+        "run": run_dir.name,
+        "dataset": data_cfg.name,
+        "protocol": _protocol(pcfg, data_cfg, model.num_classes),
+        "strong_model": {"family": strong_cfg.model.name, "width": strong_cfg.model.width,
+                         "num_classes": model.num_classes,
+                         "trained_classes": list(data_cfg.classes) if data_cfg.classes is not None else None,
+                         "test_accuracy": strong_metrics.get("test_accuracy")},
+        "weak_model": {"name": pcfg.weak_model, "width": pcfg.weak_width, "epochs": pcfg.weak_epochs,
+                       "optimizer": pcfg.weak_optimizer, "learning_rate": pcfg.weak_learning_rate,
+                       "tc_train_images": pcfg.tc_train_images},
+        "target_classes": list(target_classes),
+        "calibrations": calibrations,
+        "primary_calibration": calibrations[0],
+        "calibration_fit": ("unsupervised methods: module outputs on the TC images of the strong model's valid "
+                            "split; temperature/platt: the weak task's valid images of the other classes (label 0) "
+                            "plus those TC images (label 1). The test split is only measured."),
+        "per_tc": per_tc,
+        "average": average,
+        "acceptance": acceptance(average, calibrations[0]),
+        "elapsed_s": time.perf_counter() - t_start,
+        "machine": jtrain.machine_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "patch_config": _plain(pcfg),
+    }
+    if pcfg.poor_fit:
+        results["average_poor_fit"] = {
+            kind: {"before": average_metrics([r["poor_fit"][kind]["before"] for r in per_tc.values()]),
+                   "module_patch": {c: average_metrics([r["poor_fit"][kind]["module_patch"][c]
+                                                        for r in per_tc.values()]) for c in calibrations}}
+            for kind in ("underfit", "overfit")}
+    (out_dir / "patch_results.json").write_text(json.dumps(results, indent=2))
+    if plots:
+        plot_results(results, out_dir)
+    if verbose:
+        print(format_table(results))
+    return results
+
+
+def _plain(cfg_section: Any) -> dict:
+
+    return jconfig.to_dict(cfg_section)

@@ -1,0 +1,325 @@
+"""One Markdown report of a run folder: training, modularization, patching.
+
+`write_report(run_dir)` reads what the stages wrote (see the run folder layout below) and renders
+every stage that has results into ``runs/NAME/report.md``; a stage that has not run is noted,
+not an error. Images are linked by relative path, so the report renders in place (GitHub, VS
+Code, any Markdown viewer).
+
+    runs/NAME/config.yaml                     resolved config
+    runs/NAME/metrics.json                    training metrics
+    runs/NAME/modularize/summary.json         per-class modules, ensemble accuracy/diff
+    runs/NAME/modularize/history.json         per-generation search curves
+    runs/NAME/modularize/*.png                search plots
+    runs/NAME/patch/patch_results.json        patching results (`jaxsplit.patch.run_patch`)
+    runs/NAME/patch/*.png                     patching plots
+
+The training and modularization files are rendered generically (scalars as key/value tables,
+lists of records as tables, long series summarised), so this module does not depend on their
+exact schema; the patching results have a dedicated layout. This is an I/O edge: it only reads
+JSON/YAML and writes one file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["write_report", "render_report", "ReportError"]
+
+MAX_ROWS = 20  # rows of a record table before it is cut
+MAX_INLINE = 12  # a list of scalars longer than this is summarised
+
+
+class ReportError(FileNotFoundError):
+    """The run folder does not exist."""
+
+
+# -- formatting helpers -----------------------------------------------------------------------
+
+
+def _is_scalar(x: Any) -> bool:
+    return x is None or isinstance(x, (bool, int, float, str))
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}" if abs(x) >= 10_000 else str(x)
+    if isinstance(x, float):
+        if math.isnan(x) or math.isinf(x):
+            return str(x)
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+            return f"{x:.3e}"
+        return f"{x:.4f}".rstrip("0").rstrip(".") if abs(x) < 1 else f"{x:.4g}"
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else _fmt(x)
+
+
+def _signed_pts(x: Any) -> str:
+    return f"{100 * x:+.2f}" if isinstance(x, (int, float)) else _fmt(x)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(_fmt(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(c if isinstance(c, str) else _fmt(c) for c in row) + " |")
+    return lines + [""]
+
+
+def _series_summary(values: Sequence[Any]) -> str:
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(nums) == len(values) and nums:
+        return (f"{len(values)} values: first {_fmt(nums[0])}, last {_fmt(nums[-1])}, "
+                f"min {_fmt(min(nums))}, max {_fmt(max(nums))}")
+    return f"{len(values)} values"
+
+
+def _is_records(x: Any) -> bool:
+    return bool(isinstance(x, list) and x and all(isinstance(r, Mapping) for r in x))
+
+
+def _cell(v: Any) -> str:
+    """A table cell: scalars as they are, a list of numbers as its mean, other values elided."""
+    if _is_scalar(v):
+        return _fmt(v)
+    if isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return f"mean {_fmt(sum(v) / len(v))}"
+    return "…"
+
+
+def _render_records(records: list[Mapping], indent: str = "") -> list[str]:
+    keys: list[str] = []
+    for r in records:
+        keys.extend(k for k in r if k not in keys)
+    rows = records if len(records) <= MAX_ROWS else records[: MAX_ROWS // 2] + records[-MAX_ROWS // 2:]
+    lines = _table(keys, [[_cell(r.get(k, "")) for k in keys] for r in rows])
+    if len(records) > MAX_ROWS:
+        lines += [f"_({len(records)} rows; first and last {MAX_ROWS // 2} shown)_", ""]
+    return lines
+
+
+def _render_json(obj: Any, title: str, level: int = 3) -> list[str]:
+    """Generic Markdown of a JSON value: scalars in a key/value table, nested values below."""
+    heading = "#" * min(level, 6)
+    lines: list[str] = []
+    if isinstance(obj, Mapping):
+        scalars = [(k, v) for k, v in obj.items() if _is_scalar(v)]
+        short_lists = [(k, v) for k, v in obj.items()
+                       if isinstance(v, list) and all(_is_scalar(x) for x in v)]
+        rows = [(k, _fmt(v)) for k, v in scalars]
+        rows += [(k, ", ".join(_fmt(x) for x in v) if len(v) <= MAX_INLINE else _series_summary(v))
+                 for k, v in short_lists]
+        if rows:
+            lines += _table(["key", "value"], rows)
+        nested = [(k, v) for k, v in obj.items()
+                  if not _is_scalar(v) and not (isinstance(v, list) and all(_is_scalar(x) for x in v))]
+        for k, v in nested:
+            if level >= 6:
+                lines += [f"{heading} {title} / {k}", "", f"_({type(v).__name__} not shown)_", ""]
+                continue
+            lines += [f"{heading} {k}", ""]
+            lines += _render_json(v, k, level + 1)
+    elif _is_records(obj):
+        lines += _render_records(obj)
+    elif isinstance(obj, list):
+        if all(_is_scalar(x) for x in obj):
+            lines += [", ".join(_fmt(x) for x in obj) if len(obj) <= MAX_INLINE else _series_summary(obj), ""]
+        else:
+            lines += [f"_({len(obj)} items)_", ""]
+    else:
+        lines += [_fmt(obj), ""]
+    return lines
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"could not read `{path.name}`: {e}"
+
+
+def _images(folder: Path, run_dir: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" + "\n" for p in sorted(folder.glob("*.png"))]
+
+
+def _missing(what: str, path: str, command: str) -> list[str]:
+    return [f"_Not run yet: no `{path}` ({what}; run `{command}`)._", ""]
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+def _config_section(run_dir: Path) -> list[str]:
+    path = run_dir / "config.yaml"
+    lines = ["## Configuration", ""]
+    if not path.is_file():
+        return lines + ["_No `config.yaml` in the run folder._", ""]
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        return lines + [f"_Could not read `config.yaml`: {e}_", ""]
+    rows = []
+    for section in ("data", "model", "train", "search", "patch"):
+        sec = cfg.get(section)
+        if isinstance(sec, Mapping):
+            keys = {"data": ("name", "source", "classes", "train_limit", "image_size"),
+                    "model": ("name", "width"),
+                    "train": ("optimizer", "learning_rate", "epochs", "batch_size"),
+                    "search": ("strategy", "population_size", "num_generations", "ensemble"),
+                    "patch": ("task", "strong_classes", "weak_classes", "tc_train_images",
+                              "weak_model", "weak_epochs", "calibrations")}[section]
+            val = ", ".join(f"{k}={_fmt(sec[k]) if _is_scalar(sec[k]) else sec[k]}" for k in keys if k in sec)
+            rows.append((section, val))
+    lines += _table(["section", "settings"], rows) if rows else []
+    lines += [f"Full resolved config: [`config.yaml`](config.yaml).", ""]
+    return lines
+
+
+def _training_section(run_dir: Path) -> list[str]:
+    lines = ["## Training", ""]
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return lines + _missing("training metrics", "metrics.json", "jaxsplit train")
+    data, err = _read_json(path)
+    if err:
+        return lines + [f"_{err}_", ""]
+    lines += _render_json(data, "training", 3)
+    lines += _images(run_dir, run_dir)
+    return lines
+
+
+def _modularize_section(run_dir: Path) -> list[str]:
+    lines = ["## Modularization", ""]
+    folder = run_dir / "modularize"
+    summary, history = folder / "summary.json", folder / "history.json"
+    if not summary.is_file() and not history.is_file():
+        return lines + _missing("modularization results", "modularize/summary.json", "jaxsplit modularize")
+    if summary.is_file():
+        data, err = _read_json(summary)
+        lines += ["### Summary", ""] + ([f"_{err}_", ""] if err else _render_json(data, "summary", 4))
+    else:
+        lines += ["_No `modularize/summary.json` yet (search not finished?)._", ""]
+    if history.is_file():
+        data, err = _read_json(history)
+        lines += ["### Search history", ""]
+        lines += [f"_{err}_", ""] if err else _render_json(data, "history", 4)
+    lines += _images(folder, run_dir)
+    return lines
+
+
+def _metric_row(label: str, m: Mapping) -> list[str]:
+    return [label, _pct(m.get("tc_precision")), _pct(m.get("tc_recall")), _pct(m.get("tc_f1")),
+            _pct(m.get("non_tc_accuracy")), _pct(m.get("accuracy")), _fmt(m.get("tc_ece"))]
+
+
+_METRIC_HEADER = ["", "TC precision %", "TC recall %", "TC F1 %", "non-TC acc %", "acc %", "TC ECE"]
+
+
+def _patch_section(run_dir: Path) -> list[str]:
+    lines = ["## Patching", ""]
+    folder = run_dir / "patch"
+    path = folder / "patch_results.json"
+    if not path.is_file():
+        return lines + _missing("patching results", "patch/patch_results.json", "jaxsplit patch")
+    res, err = _read_json(path)
+    if err or not isinstance(res, Mapping):
+        return lines + [f"_{err or 'patch_results.json is not a JSON object'}_", ""]
+    primary = res.get("primary_calibration")
+    lines += [f"Task: **{res.get('task', '?')}**. {res.get('protocol', '')}", ""]
+    weak = res.get("weak_model")
+    if isinstance(weak, Mapping):
+        lines += ["Weak model: " + ", ".join(f"{k}={_fmt(v)}" for k, v in weak.items() if _is_scalar(v)), ""]
+    avg = res.get("average", {})
+    if isinstance(avg, Mapping) and avg:
+        lines += [f"### Averages over {len(res.get('target_classes', []))} target classes (test split)", ""]
+        rows = [_metric_row("weak model", avg.get("before", {}))]
+        for name, m in avg.get("module_patch", {}).items():
+            rows.append(_metric_row(f"patched, module, {name}" + (" (primary)" if name == primary else ""), m))
+        for name, m in avg.get("whole_model_patch", {}).items():
+            rows.append(_metric_row(f"patched, whole strong model, {name}", m))
+        lines += _table(_METRIC_HEADER, rows)
+    acc = res.get("acceptance")
+    if isinstance(acc, Mapping):
+        verdict = "PASSED" if acc.get("passed") else "NOT passed"
+        lines += [f"**Acceptance** ({_fmt(acc.get('criterion', ''))}), calibration `{acc.get('calibration')}`: "
+                  f"TC precision {_signed_pts(acc.get('delta_tc_precision'))} pts, "
+                  f"TC recall {_signed_pts(acc.get('delta_tc_recall'))} pts, "
+                  f"non-TC accuracy {_signed_pts(acc.get('delta_non_tc_accuracy'))} pts: **{verdict}**.", ""]
+    per_tc = res.get("per_tc", {})
+    if isinstance(per_tc, Mapping) and per_tc:
+        lines += [f"### Per target class (primary calibration `{primary}`)", ""]
+        rows = []
+        for tc, r in per_tc.items():
+            b = r.get("before", {})
+            a = r.get("module_patch", {}).get(primary, {})
+            w = r.get("whole_model_patch", {}).get(primary, {})
+            size = r.get("module", {})
+            rows.append([str(tc), _pct(b.get("tc_precision")), _pct(a.get("tc_precision")),
+                         _pct(b.get("tc_recall")), _pct(a.get("tc_recall")),
+                         _pct(b.get("non_tc_accuracy")), _pct(a.get("non_tc_accuracy")),
+                         _pct(w.get("tc_f1")), _pct(a.get("tc_f1")),
+                         _pct(size.get("macs_fraction")), _pct(size.get("params_fraction"))])
+        lines += _table(["TC", "prec before", "prec after", "recall before", "recall after",
+                         "non-TC before", "non-TC after", "F1 whole model", "F1 module",
+                         "module MACs %", "module params %"], rows)
+        poor = [(tc, r["poor_fit"]) for tc, r in per_tc.items() if isinstance(r.get("poor_fit"), Mapping)]
+        if poor:
+            lines += ["### Poor-fit weak models", ""]
+            rows = []
+            for tc, pf in poor:
+                for kind, r in pf.items():
+                    b = r.get("before", {})
+                    a = r.get("module_patch", {}).get(primary, {})
+                    rows.append([f"{tc} {kind}", _pct(b.get("tc_precision")), _pct(a.get("tc_precision")),
+                                 _pct(b.get("tc_recall")), _pct(a.get("tc_recall")),
+                                 _pct(b.get("non_tc_accuracy")), _pct(a.get("non_tc_accuracy"))])
+            lines += _table(["TC / model", "prec before", "prec after", "recall before", "recall after",
+                             "non-TC before", "non-TC after"], rows)
+    lines += _images(folder, run_dir)
+    lines += ["Full results: [`patch/patch_results.json`](patch/patch_results.json).", ""]
+    return lines
+
+
+# -- entry points -----------------------------------------------------------------------------
+
+
+def render_report(run_dir: str | Path) -> str:
+    """The Markdown text of the report of ``run_dir`` (see `write_report`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run folder {str(run_dir)!r} does not exist")
+    lines = [f"# jaxsplit report: {run_dir.name}", ""]
+    for section in (_config_section, _training_section, _modularize_section, _patch_section):
+        lines += section(run_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Renders every stage's results found in ``run_dir`` into ``run_dir/report.md``.
+
+    Args:
+      run_dir: a run folder (``runs/NAME``).
+
+    Returns:
+      The path of the written report.
+
+    Raises:
+      ReportError: ``run_dir`` does not exist.
+    """
+    run_dir = Path(run_dir)
+    text = render_report(run_dir)
+    out = run_dir / "report.md"
+    out.write_text(text)
+    return out

@@ -1,0 +1,261 @@
+"""Population evaluator: the logit table L of SPEC §6 step 1.
+
+For every class row c and individual i, the module "model masked with
+`masks[c, i]`" gives its class-`classes[c]` logit on every image:
+
+    L[c, i, n] = model.apply(params, images[n], masks=masks[c, i])[classes[c]]
+
+This is the expensive step of the search (C·P·N forward passes). Everything
+downstream (`fitness.py`) only needs L and the masks.
+
+The interface every backend implements (`Evaluator`):
+
+    evaluate_fn(params, masks, images, classes) -> L
+      params:  the model's inner params dict.
+      masks:   {conv_name: bool[C, P, K_l]}   (C class rows, P individuals)
+      images:  float32 (N, H, W, Cin)
+      classes: int32 (C,)   class id of each mask row (usually arange(C))
+      L:       float32 (C, P, N)
+
+Backends: "reference" (here: activation masking with shared weights,
+`jit(vmap)` over individuals, chunked over individuals and images) and
+"fast" (`jaxsplit.search.fast_evaluate.make_fast_evaluator`, imported lazily).
+`make_evaluator` picks one; "auto" follows `default_backend(platform)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from typing import Literal, Protocol
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsplit import masks as masks_lib
+from jaxsplit.models.convnet import ConvNet
+
+Backend = Literal["reference", "fast", "auto"]
+BACKENDS = ("reference", "fast", "auto")
+FAST_MODULE = "jaxsplit.search.fast_evaluate"
+
+
+class EvaluatorInputError(ValueError):
+    """Params, masks, images or classes that do not fit the evaluator."""
+
+
+class EvaluatorBackendError(ValueError):
+    """An unknown or unavailable evaluator backend."""
+
+
+class Evaluator(Protocol):
+    """`evaluate_fn(params, masks, images, classes) -> L (C, P, N) float32`.
+
+    Args:
+      params: the model's params (inner dict, no `{"params": ...}` wrapper).
+      masks: `{conv_name: bool[C, P, K_l]}`, one entry per conv layer.
+      images: `(N, H, W, Cin)` float32.
+      classes: `(C,)` int32, the class id each mask row is a module of.
+
+    Returns:
+      `L (C, P, N)` float32; `L[c, i, n]` = logit `classes[c]` of the model
+      masked with row `(c, i)` on image n.
+    """
+
+    def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
+                 classes: jax.Array) -> jax.Array: ...
+
+
+def check_eval_inputs(model: ConvNet, masks: Mapping[str, jax.Array], images: jax.Array,
+                      classes: jax.Array) -> tuple[int, int, int]:
+    """Validate evaluator inputs (works on tracers); return `(C, P, N)`.
+
+    Raises:
+      EvaluatorInputError: naming the bad shape/dtype and what was expected.
+    """
+    spec = model.conv_spec()
+    if not isinstance(masks, Mapping):
+        raise EvaluatorInputError(
+            f"masks must be a dict {{conv_name: bool[C, P, K_l]}}, got {type(masks).__name__}")
+    first = masks.get(spec.names[0]) if spec.names else None
+    if first is None or np.ndim(first) != 3:
+        raise EvaluatorInputError(
+            f"masks need leading axes (C, P): expected {spec.names[0]} of shape (C, P, "
+            f"{spec.layers[0].num_kernels}), got "
+            f"{None if first is None else tuple(np.shape(first))}")
+    num_rows, num_individuals = int(first.shape[0]), int(first.shape[1])
+    lead = {n: tuple(np.shape(masks[n])[:-1]) for n in spec.names if n in masks}
+    if len(set(lead.values())) > 1:
+        raise EvaluatorInputError(
+            f"mask layers have different leading (C, P) axes: {lead}; expected the same (C, P) "
+            f"for every layer")
+    try:
+        masks_lib.validate(masks, spec, batch_shape=(num_rows, num_individuals), check_values=False)
+    except masks_lib.MaskError as err:
+        raise EvaluatorInputError(f"masks: {err}") from err
+    if np.ndim(images) != 4 or tuple(images.shape[1:]) != spec.image_shape:
+        raise EvaluatorInputError(
+            f"images have shape {tuple(np.shape(images))}; expected (N, "
+            f"{', '.join(map(str, spec.image_shape))}) (NHWC)")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise EvaluatorInputError(f"images have dtype {images.dtype}; expected float32")
+    if np.ndim(classes) != 1 or int(classes.shape[0]) != num_rows:
+        raise EvaluatorInputError(
+            f"classes have shape {tuple(np.shape(classes))}; expected ({num_rows},) = one class "
+            f"id per mask row (masks have C={num_rows} rows)")
+    if not jnp.issubdtype(classes.dtype, jnp.integer):
+        raise EvaluatorInputError(f"classes have dtype {classes.dtype}; expected int32")
+    if not isinstance(classes, jax.core.Tracer):
+        cls = np.asarray(classes)
+        if cls.size and (cls.min() < 0 or cls.max() >= model.num_classes):
+            raise EvaluatorInputError(
+                f"classes {cls.tolist()} must lie in [0, {model.num_classes}) (the model's "
+                f"num_classes)")
+    return num_rows, num_individuals, int(images.shape[0])
+
+
+def _pad_axis0(x: jax.Array, size: int) -> jax.Array:
+    """Pad axis 0 up to `size` by repeating row 0 (any real row keeps the math finite)."""
+    extra = size - x.shape[0]
+    if extra == 0:
+        return x
+    return jnp.concatenate([x, jnp.broadcast_to(x[:1], (extra, *x.shape[1:]))], axis=0)
+
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """`(M, ...)` -> `(ceil(M / chunk), chunk, ...)`, padding the last chunk."""
+    num = -(-x.shape[0] // chunk)
+    return _pad_axis0(x, num * chunk).reshape(num, chunk, *x.shape[1:])
+
+
+class ReferenceEvaluator:
+    """Activation masking with shared weights, `vmap` over individuals, chunked.
+
+    The C·P individuals are flattened and processed `chunk_individuals` at a
+    time (outer `lax.map`); for each chunk the images are processed
+    `chunk_images` at a time (inner `lax.map`); a chunk is one
+    `vmap(model.apply)` over `chunk_individuals` masks on `chunk_images`
+    images. Last chunks are padded (with a copy of the first row/image) and
+    the padding is cut from the result, so values do not depend on the chunk
+    sizes.
+
+    Peak memory ≈ chunk_individuals × chunk_images × (largest per-image
+    activation of one layer, in bytes, × a small constant for the live
+    input/output of a conv) + params + images + the output L (C·P·N·4
+    bytes). It does not grow with P or N beyond the inputs and the output.
+    E.g. SimCNN at 32x32: the largest activation is 32·32·64·4 B = 256 KiB
+    per image, so 16 × 1000 chunks need ≈ 4 GiB × 2-3; lower
+    `chunk_images` on small devices.
+
+    One compilation per (C, P, N, params, image) shapes; `num_traces` counts
+    traces (for tests).
+
+    Attributes:
+      model: the `ConvNet`.
+      chunk_individuals: masks evaluated together (capped at C·P).
+      chunk_images: images evaluated together (capped at N).
+    """
+
+    def __init__(self, model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000):
+        for name, value in (("chunk_individuals", chunk_individuals), ("chunk_images", chunk_images)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise EvaluatorInputError(f"{name} must be an int >= 1, got {value!r}")
+        self.model = model
+        self.chunk_individuals = int(chunk_individuals)
+        self.chunk_images = int(chunk_images)
+        self.num_traces = 0
+        self._jitted = jax.jit(self._evaluate)
+
+    def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
+                 classes: jax.Array) -> jax.Array:
+        """See `Evaluator`."""
+        check_eval_inputs(self.model, masks, images, classes)  # value checks need concrete arrays
+        return self._jitted(params, masks, images, classes)
+
+    def _evaluate(self, params, masks, images, classes) -> jax.Array:
+        self.num_traces += 1
+        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images, classes)
+        spec = self.model.conv_spec()
+        total = num_rows * num_individuals
+        bi = min(self.chunk_individuals, total)
+        bn = min(self.chunk_images, num_images)
+        # (C, P, K) -> (M, K) -> (num_chunks, bi, K), in spec order.
+        flat_masks = {n: _chunks(masks[n].reshape(total, -1), bi) for n in spec.names}
+        row_class = _chunks(jnp.repeat(classes.astype(jnp.int32), num_individuals), bi)
+        image_chunks = _chunks(images.astype(jnp.float32), bn)  # (num_image_chunks, bn, H, W, Cin)
+
+        def one_module(mask, cls, x):  # mask {n: (K,)}, cls (), x (bn, H, W, Cin) -> (bn,)
+            logits = self.model.apply({"params": params}, x, masks=mask)
+            return logits[:, cls]
+
+        def individual_chunk(args):  # ({n: (bi, K)}, (bi,)) -> (bi, N_pad)
+            mask_chunk, cls_chunk = args
+            per_images = jax.lax.map(
+                lambda x: jax.vmap(one_module, in_axes=(0, 0, None))(mask_chunk, cls_chunk, x),
+                image_chunks)  # (num_image_chunks, bi, bn)
+            return jnp.moveaxis(per_images, 0, 1).reshape(bi, -1)
+
+        out = jax.lax.map(individual_chunk, (flat_masks, row_class))  # (num_chunks, bi, N_pad)
+        out = out.reshape(-1, out.shape[-1])[:total, :num_images]
+        result = out.reshape(num_rows, num_individuals, num_images).astype(jnp.float32)
+        chex.assert_shape(result, (num_rows, num_individuals, num_images))
+        return result
+
+
+def fast_backend_available() -> bool:
+    """Whether `jaxsplit.search.fast_evaluate` can be imported."""
+    try:
+        return importlib.util.find_spec(FAST_MODULE) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_backend(platform: str) -> Literal["reference", "fast"]:
+    """The backend "auto" picks on a JAX platform ("cpu", "gpu", "tpu", ...).
+
+    Rule: "fast" when the fast backend module exists and the platform is CPU
+    (where sharing work across individuals matters most); "reference"
+    otherwise (on accelerators the vmapped reference is already efficient).
+    """
+    if platform == "cpu" and fast_backend_available():
+        return "fast"
+    return "reference"
+
+
+def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_individuals: int = 16,
+                   chunk_images: int = 1000) -> Evaluator:
+    """An `Evaluator` for `model`.
+
+    Args:
+      model: the `ConvNet` whose masked modules are evaluated.
+      backend: "reference" (`ReferenceEvaluator`), "fast"
+        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`), or "auto"
+        (`default_backend(jax.default_backend())`).
+      chunk_individuals: masks evaluated together (bounds peak memory).
+      chunk_images: images evaluated together (bounds peak memory).
+
+    Raises:
+      EvaluatorBackendError: unknown backend, or "fast" when its module is missing.
+    """
+    if backend not in BACKENDS:
+        raise EvaluatorBackendError(f"unknown evaluator backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = default_backend(jax.default_backend())
+    if backend == "reference":
+        return ReferenceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images)
+    if not fast_backend_available():
+        raise EvaluatorBackendError(
+            f"evaluator backend 'fast' needs the module {FAST_MODULE}, which is not installed; "
+            f"use backend='reference' or 'auto'")
+    fast = importlib.import_module(FAST_MODULE)
+    return fast.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
+                                    chunk_images=chunk_images)
+
+
+def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
+    """`make_evaluator` with `SearchConfig.backend`, `chunk_individuals`, `chunk_images`."""
+    return make_evaluator(model, search_cfg.backend, chunk_individuals=search_cfg.chunk_individuals,
+                          chunk_images=search_cfg.chunk_images)

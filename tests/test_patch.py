@@ -1,0 +1,332 @@
+"""Tests of jaxsplit.patch: mixed tasks, the patch path (compose + calibrations), end to end."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsplit import calibration as calib
+from jaxsplit import data as jdata
+from jaxsplit import patch
+
+# -- mixed tasks -------------------------------------------------------------------------------
+
+
+def _tagged(num_classes: int, per_class: list[int] | int, offset: int = 0, size: int = 4) -> jdata.Dataset:
+    """A dataset whose image i carries a unique id ``offset + i`` in pixel (0, 0, 0)."""
+    counts = per_class if isinstance(per_class, list) else [per_class] * num_classes
+    labels = np.repeat(np.arange(num_classes), counts)
+    labels = np.random.default_rng(offset).permutation(labels)
+    images = np.zeros((len(labels), size, size, 1), np.float32)
+    images[:, 0, 0, 0] = offset + np.arange(len(labels))
+    return jdata.Dataset.from_arrays(images, labels, num_classes=num_classes,
+                                     class_names=[f"c{c}" for c in range(num_classes)])
+
+
+def _ids(ds: jdata.Dataset) -> np.ndarray:
+    return ds.images[:, 0, 0, 0].astype(int)
+
+
+def test_self_task_labels_counts_and_tc_last():
+    train, valid, test = _tagged(10, 30, 0), _tagged(10, 8, 10_000), _tagged(10, 5, 20_000)
+    weak, tc = (7, 5, 9), 2
+    task = patch.make_self_task(train, valid, test, strong_classes=(0, 1, 2, 3, 4),
+                                weak_classes=weak, tc=tc, tc_train_images=11, seed=0)
+    assert task.num_classes == 4 and task.tc_index == 3 and task.target_class == 2
+    assert task.weak_classes == weak
+    for split, src in (("train", train), ("valid", valid), ("test", test)):
+        ds = getattr(task, split)
+        assert ds.num_classes == 4
+        assert ds.class_names == ("c7", "c5", "c9", "c2")
+        # every image keeps its source label, mapped B -> 0..|B|-1 in the given order, TC -> |B|
+        src_label = dict(zip(_ids(src), src.labels))
+        mapping = {7: 0, 5: 1, 9: 2, 2: 3}
+        assert all(mapping[src_label[i]] == l for i, l in zip(_ids(ds), ds.labels))
+    # tc_train_images respected in train only; B untouched; valid and test keep everything
+    np.testing.assert_array_equal(task.train.class_counts(), [30, 30, 30, 11])
+    np.testing.assert_array_equal(task.valid.class_counts(), [8, 8, 8, 8])
+    np.testing.assert_array_equal(task.test.class_counts(), [5, 5, 5, 5])
+    assert task.counts()["train"] == [30, 30, 30, 11]
+
+
+def test_self_task_subsample_is_seeded_and_capped():
+    train, valid, test = _tagged(6, [20, 3, 20, 20, 20, 20], 0), _tagged(6, 2, 100), _tagged(6, 2, 200)
+    a = patch.make_self_task(train, valid, test, (0, 1), (4, 5), 0, 7, seed=1)
+    b = patch.make_self_task(train, valid, test, (0, 1), (4, 5), 0, 7, seed=1)
+    c = patch.make_self_task(train, valid, test, (0, 1), (4, 5), 0, 7, seed=2)
+    np.testing.assert_array_equal(_ids(a.train), _ids(b.train))
+    assert set(_ids(a.train)) != set(_ids(c.train))
+    # fewer TC images than the cap: all kept
+    d = patch.make_self_task(train, valid, test, (0, 1), (4, 5), 1, 7, seed=1)
+    assert d.train.class_counts()[-1] == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tc": 5}, "not among strong_classes"),
+        ({"weak_classes": (3, 4)}, "overlap"),
+        ({"weak_classes": (4, 10)}, "out of range"),
+        ({"weak_classes": (4, 4)}, "repeated"),
+        ({"tc_train_images": 0}, "tc_train_images"),
+    ],
+)
+def test_self_task_bad_inputs(kwargs, match):
+    ds = _tagged(10, 2)
+    args = dict(strong_classes=(0, 1, 2, 3), weak_classes=(4, 5), tc=0, tc_train_images=5, seed=0)
+    args.update(kwargs)
+    with pytest.raises(patch.PatchError, match=match):
+        patch.make_self_task(ds, ds, ds, **args)
+
+
+def test_cifar100_cifar10_task_on_small_arrays():
+    c100_train, c100_test = _tagged(20, 10, 0), _tagged(20, 4, 1000)
+    c10_train, c10_test = _tagged(5, 40, 2000), _tagged(5, 12, 3000)
+    weak = (0, 2, 5, 8, 9, 12, 15)
+    task = patch.make_cifar100_cifar10_task(c100_train, c100_test, c10_train, c10_test, weak, tc=3,
+                                            tc_train_images=25, tc_test_images=6, valid_fraction=0.2)
+    k = len(weak) + 1
+    assert task.num_classes == k and task.tc_index == k - 1 and task.target_class == 3
+    # 10 images per CIFAR-100 class split 80/20 overall; 25 TC images split 20/5
+    assert len(task.train) + len(task.valid) == 10 * len(weak) + 25
+    assert task.train.class_counts()[-1] + task.valid.class_counts()[-1] == 25
+    assert task.valid.class_counts()[-1] == 5
+    np.testing.assert_array_equal(task.test.class_counts(), [4] * len(weak) + [6])
+    assert task.test.class_names == tuple(f"c{c}" for c in weak) + ("c3",)
+    # provenance: TC images come from CIFAR-10 class 3, weak ones from the CIFAR-100 class
+    c10_label = dict(zip(_ids(c10_train), c10_train.labels))
+    c100_label = dict(zip(_ids(c100_train), c100_train.labels))
+    for i, l in zip(_ids(task.train), task.train.labels):
+        if l == k - 1:
+            assert c10_label[i] == 3
+        else:
+            assert c100_label[i] == weak[l]
+    with pytest.raises(patch.PatchError, match="out of range"):
+        patch.make_cifar100_cifar10_task(c100_train, c100_test, c10_train, c10_test, weak, tc=7)
+
+
+# -- the patch path on known inputs ------------------------------------------------------------
+
+# Weak model: uniform over K = 3 classes (softmax 1/3 each), except example 3 where class 0 wins.
+WEAK = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+MODULE = np.array([9.0, 1.0, 6.0, 10.0, 4.0])
+LABELS = np.array([2, 0, 2, 2, 1])
+TC_FIT = np.array([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0])
+HELD_SCORES = np.array([-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 5.0, 6.0, 7.0, 8.0])
+HELD_LABELS = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 1])
+DATA = patch.CalibrationData(TC_FIT, HELD_SCORES, HELD_LABELS)
+
+
+def test_patch_scores_uses_compose_semantics():
+    out = np.asarray(patch.patch_scores(WEAK, MODULE, lambda s: s / 10.0, tc_index=2))
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(WEAK), axis=-1))
+    np.testing.assert_allclose(out[:, :2], probs[:, :2], rtol=1e-6)  # non-TC columns: weak softmax
+    np.testing.assert_allclose(out[:, 2], MODULE / 10.0, rtol=1e-6)  # TC column: calibrated module
+    # a TC in the middle column
+    out1 = np.asarray(patch.patch_scores(WEAK, MODULE, None, tc_index=1))
+    np.testing.assert_allclose(out1[:, 1], MODULE)
+
+
+def _expected_tc_column(name: str, state: dict) -> np.ndarray:
+    s = MODULE
+    if name == "min_max":
+        return (s - TC_FIT.min()) / (TC_FIT.max() - TC_FIT.min())
+    if name == "percentile":
+        lo, hi = np.percentile(TC_FIT, [10, 90])
+        return (s - lo) / (hi - lo)
+    if name == "iqr":
+        q1, q3 = np.percentile(TC_FIT, [25, 75])
+        lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+        return (s - lo) / (hi - lo)
+    if name == "z_norm":
+        return 1 / (1 + np.exp(-(s - TC_FIT.mean()) / TC_FIT.std()))
+    if name == "temperature":
+        return 1 / (1 + np.exp(-s / np.exp(state["log_temperature"])))
+    if name == "platt":
+        return 1 / (1 + np.exp(-(state["slope"] * s + state["intercept"])))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", calib.NAMES)
+def test_every_calibration_through_patch_path(name):
+    out = patch.patch_metrics(WEAK, MODULE, LABELS, 2, [name], DATA)
+    m = out["after"][name]
+    expected_col = _expected_tc_column(name, m["calibration_state"])
+    scores = np.asarray(patch.patch_scores(WEAK, MODULE, patch.fit_calibration(name, DATA), 2))
+    np.testing.assert_allclose(scores[:, 2], expected_col, rtol=1e-4, atol=1e-5)
+    preds = scores.argmax(-1)
+    # the metrics are those of these predictions, computed by hand
+    tp = np.sum((preds == 2) & (LABELS == 2))
+    assert m["tc_precision"] == pytest.approx(tp / max(np.sum(preds == 2), 1))
+    assert m["tc_recall"] == pytest.approx(tp / 3)
+    non_tc = LABELS != 2
+    assert m["non_tc_accuracy"] == pytest.approx(np.mean(preds[non_tc] == LABELS[non_tc]))
+    probs = np.clip(expected_col, 0, 1)
+    assert m["tc_ece"] == pytest.approx(
+        float(calib.expected_calibration_error(probs, (LABELS == 2).astype(int))), abs=1e-5)
+    if name in calib.SUPERVISED:  # fitted on separable held-out data: positive slope
+        assert m["calibration_state"]
+        assert np.all(np.diff(expected_col[np.argsort(MODULE)]) >= 0)
+
+
+def test_patch_metrics_before_and_min_max_by_hand():
+    out = patch.patch_metrics(WEAK, MODULE, LABELS, 2, ["min_max"], DATA)
+    before = out["before"]
+    # weak argmax: ties -> class 0 for rows 0,1,2,4; row 3 -> 0. All predicted 0.
+    assert before["tc_recall"] == 0.0 and before["tc_precision"] == 0.0
+    assert before["non_tc_accuracy"] == pytest.approx(1 / 2)  # row 1 (label 0) right, row 4 wrong
+    assert before["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [3, 0, 0]]
+    # min-max on [0, 12]: TC column = [0.75, 0.083, 0.5, 0.833, 0.333]; the weak non-TC columns are
+    # 1/3 (rows 0, 1, 2, 4) and ~0.987 (row 3), so preds = [2, 0, 2, 0, 0]
+    after = out["after"]["min_max"]
+    assert after["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [1, 0, 2]]
+    assert after["tc_precision"] == 1.0 and after["tc_recall"] == pytest.approx(2 / 3)
+    assert after["calibration_state"] == {"low": 0.0, "high": 12.0}
+
+
+def test_evaluate_patch_with_toy_models():
+    # images (N, 2, 2, 1); the "module" is the mean pixel, the "weak model" is uniform over K=3
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, 2, 2, 0, 1, 2, 1])
+    test_images = (np.zeros((8, 2, 2, 1)) + np.where(labels == 2, 3.0, 0.0)[:, None, None, None]).astype(np.float32)
+    test_images += rng.uniform(0, 0.5, test_images.shape).astype(np.float32)
+    valid_labels = np.array([0, 1, 2, 0, 1])
+    valid_images = (np.zeros((5, 2, 2, 1)) + np.where(valid_labels == 2, 3.0, 0.0)[:, None, None, None]).astype(np.float32)
+    ds = lambda x, y: jdata.Dataset(x, y.astype(np.int32), 3)
+    task = patch.PatchTask(ds(test_images, labels), ds(valid_images, valid_labels), ds(test_images, labels),
+                           target_class=7, weak_classes=(4, 5), name="toy")
+    tc_valid = np.full((3, 2, 2, 1), 2.0, np.float32) + np.arange(3, dtype=np.float32)[:, None, None, None]
+
+    def weak_apply(x):
+        return jnp.zeros((x.shape[0], 3))
+
+    def module_apply(x):
+        return jnp.mean(x, axis=(1, 2, 3))
+
+    out = patch.evaluate_patch(patch.batched(weak_apply, 3), patch.batched(module_apply, 3), task, tc_valid,
+                               ["min_max", "platt"])
+    # min-max fitted on the TC valid images only: their means are 2, 3, 4
+    assert out["after"]["min_max"]["calibration_state"] == {"low": 2.0, "high": 4.0}
+    # TC test images have mean in [3, 3.5] -> calibrated >= 0.5 > 1/3; others <= 0 -> non-TC
+    for name in ("min_max", "platt"):
+        m = out["after"][name]
+        assert m["tc_precision"] == 1.0 and m["tc_recall"] == 1.0, name
+    assert out["before"]["tc_recall"] == 0.0
+
+
+def test_batched_pads_matches_and_compiles_once():
+    x = np.arange(7 * 2 * 2 * 1, dtype=np.float32).reshape(7, 2, 2, 1)
+    shapes = []
+
+    def fn(b):
+        shapes.append(b.shape)  # runs at trace time only
+        return b.sum(axis=(1, 2, 3))
+
+    predict = patch.batched(fn, batch_size=3)
+    np.testing.assert_allclose(predict(x), x.sum(axis=(1, 2, 3)))
+    np.testing.assert_allclose(predict(x[:2]), x[:2].sum(axis=(1, 2, 3)))
+    assert shapes == [(3, 2, 2, 1)]
+    with pytest.raises(patch.PatchError):
+        predict(x[:0])
+
+
+# -- end to end on synthetic data ---------------------------------------------------------------
+
+
+def test_renormalize_is_exact():
+    ds = _tagged(3, 4)
+    a = {"mean": [0.5], "std": [2.0]}
+    b = {"mean": [-1.0], "std": [0.5]}
+    out = patch._renormalize(ds, a, b)
+    np.testing.assert_allclose(out.images, ((ds.images * 2.0 + 0.5) + 1.0) / 0.5, rtol=1e-6)
+    assert patch._renormalize(ds, a, a) is ds
+
+
+def _e2e_config(**patch_overrides):
+    from jaxsplit import config
+
+    p = {"strong_classes": [0, 1, 2, 3, 4], "weak_classes": [5, 6, 7, 8, 9], "target_classes": [1, 3],
+         "tc_train_images": 10, "weak_model": "weak_cnn", "weak_width": 0.25, "weak_epochs": 2,
+         "weak_learning_rate": 0.003, "calibrations": ["min_max", "platt"], "poor_fit": True,
+         "underfit_epochs": 1, "overfit_epochs": 2, "poor_fit_images_per_class": 30}
+    p.update(patch_overrides)
+    return config.from_dict(config.Config, {
+        "name": "tiny",
+        # the faithful protocol: the strong model knows only classes 0-4, here in reversed order,
+        # so TC 1 is the strong model's class 3 (exercises the class mapping)
+        "data": {"source": "synthetic", "name": "synthetic", "classes": [4, 3, 2, 1, 0]},
+        "model": {"name": "weak_cnn", "width": 0.25},
+        "train": {"optimizer": "adam", "learning_rate": 0.003, "epochs": 1, "batch_size": 64,
+                  "weight_decay": 0.0, "eval_batch_size": 256},
+        "patch": p,
+    })
+
+
+def test_run_patch_end_to_end_on_synthetic(tmp_path):
+    from jaxsplit import masks as masks_lib
+    from jaxsplit import report
+    from jaxsplit import train as jtrain
+
+    cfg = _e2e_config()
+    run = tmp_path / "tiny"
+    strong = jtrain.train_and_evaluate(cfg, run, progress=False)
+    # all-ones masks: each module is the whole model, so patching with it equals the baseline
+    spec = strong.model.conv_spec()
+    full = masks_lib.full(spec, (strong.model.num_classes,))
+    (run / "modularize").mkdir()
+    np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
+
+    res = patch.run_patch(run, cfg, progress=False, verbose=False)
+    assert res["target_classes"] == [1, 3] and res["primary_calibration"] == "min_max"
+    assert (run / "patch" / "patch_results.json").is_file()
+    for png in ("patch_tc_bars.png", "patch_calibrations.png", "patch_module_size.png"):
+        assert (run / "patch" / png).is_file()
+    for tc, strong_class in (("1", 3), ("3", 1)):
+        r = res["per_tc"][tc]
+        assert r["strong_class"] == strong_class
+        # weak task: 5 weak classes + TC; <= 10 TC train images; 20 test images per class
+        assert r["task"]["counts"]["train"][-1] == 10
+        assert r["task"]["counts"]["test"] == [20] * 6
+        assert r["before"]["num_examples"] == 120 and r["before"]["num_tc"] == 20
+        assert r["module"]["macs_fraction"] == pytest.approx(1.0)
+        for name in ("min_max", "platt"):
+            mod, whole = r["module_patch"][name], r["whole_model_patch"][name]
+            assert mod["confusion_matrix"] == whole["confusion_matrix"], name
+            assert 0.0 <= mod["tc_ece"] <= 1.0
+        assert set(r["poor_fit"]) == {"underfit", "overfit"}
+        assert r["poor_fit"]["underfit"]["weak"]["snapshot_epoch"] == 1
+        assert r["poor_fit"]["overfit"]["weak"]["snapshot_epoch"] == 2
+        assert not r["weak"]["reused"]
+    for key in ("tc_precision", "tc_recall", "non_tc_accuracy"):
+        expected = np.mean([res["per_tc"][t]["module_patch"]["min_max"][key] for t in ("1", "3")])
+        assert res["average"]["module_patch"]["min_max"][key] == pytest.approx(expected)
+    acc = res["acceptance"]
+    assert acc["delta_tc_recall"] == pytest.approx(
+        res["average"]["module_patch"]["min_max"]["tc_recall"] - res["average"]["before"]["tc_recall"])
+
+    # the weak models are cached and reused; other calibrations do not retrain them
+    again = patch.run_patch(run, _e2e_config(calibrations=["platt"], poor_fit=False), progress=False,
+                            verbose=False, plots=False)
+    assert all(again["per_tc"][t]["weak"]["reused"] for t in ("1", "3"))
+    assert again["per_tc"]["1"]["before"] == {k: v for k, v in res["per_tc"]["1"]["before"].items()}
+    assert again["per_tc"]["1"]["module_patch"]["platt"]["confusion_matrix"] == \
+        res["per_tc"]["1"]["module_patch"]["platt"]["confusion_matrix"]
+
+    text = report.write_report(run).read_text()
+    assert "## Patching" in text and "Per target class" in text and "Not run yet" in text  # no search files
+
+
+def test_run_patch_needs_masks(tmp_path):
+    from jaxsplit import checkpoint
+    from jaxsplit.models import init_params, weak_cnn
+
+    cfg = _e2e_config()
+    model = weak_cnn(num_classes=5, in_channels=1, width=0.25, image_size=32)
+    run = tmp_path / "nomasks"
+    checkpoint.save_model(run, init_params(model, jax.random.key(0)), cfg, {}, model=model)
+    with pytest.raises(FileNotFoundError, match="jaxsplit modularize"):
+        patch.run_patch(run, cfg, progress=False, verbose=False)

@@ -1,0 +1,103 @@
+"""Tests of jaxsplit.report on tiny fake run folders."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxsplit import config, report  # noqa: E402
+
+
+def _png(path):
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1], [0, 1])
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _metrics(precision, recall, non_tc):
+    return {"tc_precision": precision, "tc_recall": recall, "tc_f1": 2 * precision * recall / (precision + recall),
+            "non_tc_accuracy": non_tc, "accuracy": 0.9, "tc_ece": 0.05, "num_examples": 60, "num_tc": 10,
+            "confusion_matrix": [[45, 5], [2, 8]]}
+
+
+def _fake_run(tmp_path):
+    run = tmp_path / "runs" / "fake"
+    run.mkdir(parents=True)
+    config.save(config.load(overrides=["name=fake", "model.width=0.25"]), run / "config.yaml")
+    (run / "metrics.json").write_text(json.dumps({
+        "test_accuracy": 0.9123, "valid_accuracy": 0.9345, "best_epoch": 7,
+        "history": [{"epoch": e, "train_loss": 1.0 / (e + 1), "valid_accuracy": 0.8 + e / 100} for e in range(40)],
+    }))
+    mod = run / "modularize"
+    mod.mkdir()
+    (mod / "summary.json").write_text(json.dumps({
+        "ensemble_valid_accuracy": 0.8765, "ensemble_diff": 0.5277,
+        "per_class": [{"class": c, "kept_fraction": 0.4 + c / 100, "macs_fraction": 0.45} for c in range(3)],
+    }))
+    (mod / "history.json").write_text(json.dumps({"best_fitness": [0.1 * g for g in range(50)]}))
+    _png(mod / "search_curves.png")
+    pdir = run / "patch"
+    pdir.mkdir()
+    before, after, whole = _metrics(0.6111, 0.5, 0.97), _metrics(0.8222, 0.7333, 0.975), _metrics(0.85, 0.75, 0.98)
+    results = {
+        "task": "self", "protocol": "strong model trained on all 10 classes", "primary_calibration": "min_max",
+        "calibrations": ["min_max", "platt"], "target_classes": [0, 1],
+        "weak_model": {"name": "weak_cnn", "width": 0.5, "epochs": 2},
+        "per_tc": {str(tc): {"before": before, "module_patch": {"min_max": after, "platt": after},
+                             "whole_model_patch": {"min_max": whole, "platt": whole},
+                             "module": {"macs_fraction": 0.4567, "params_fraction": 0.5}} for tc in (0, 1)},
+        "average": {"before": before, "module_patch": {"min_max": after, "platt": after},
+                    "whole_model_patch": {"min_max": whole}},
+        "acceptance": {"calibration": "min_max", "criterion": "precision and recall up, non-TC drop <= 1 pt",
+                       "delta_tc_precision": 0.2111, "delta_tc_recall": 0.2333, "delta_non_tc_accuracy": 0.005,
+                       "passed": True},
+    }
+    (pdir / "patch_results.json").write_text(json.dumps(results))
+    _png(pdir / "patch_tc_bars.png")
+    return run
+
+
+def test_report_contains_every_stage(tmp_path):
+    run = _fake_run(tmp_path)
+    out = report.write_report(run)
+    assert out == run / "report.md" and out.is_file()
+    text = out.read_text()
+    assert "# jaxsplit report: fake" in text
+    # training
+    assert "0.9123" in text and "best_epoch" in text and "40 rows" in text
+    # modularization: scalars, per-class table, summarised series, plot link
+    assert "0.8765" in text and "kept_fraction" in text and "50 values" in text
+    assert "![search_curves](modularize/search_curves.png)" in text
+    # patching: averages and per-TC percentages, acceptance, plot
+    assert "61.11" in text and "82.22" in text and "73.33" in text
+    assert "PASSED" in text and "+21.11" in text
+    assert "45.67" in text  # module MACs %
+    assert "![patch_tc_bars](patch/patch_tc_bars.png)" in text
+    assert "Not run yet" not in text
+
+
+def test_report_notes_missing_stages(tmp_path):
+    run = tmp_path / "empty_run"
+    run.mkdir()
+    text = report.write_report(run).read_text()
+    assert text.count("Not run yet") == 3
+    assert "metrics.json" in text and "modularize/summary.json" in text and "patch/patch_results.json" in text
+
+
+def test_report_survives_corrupt_json(tmp_path):
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "metrics.json").write_text("{not json")
+    text = report.write_report(run).read_text()
+    assert "could not read `metrics.json`" in text
+
+
+def test_report_missing_folder(tmp_path):
+    with pytest.raises(report.ReportError, match="does not exist"):
+        report.write_report(tmp_path / "nope")
