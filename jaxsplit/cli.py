@@ -70,17 +70,6 @@ def _read_yaml(path: Path) -> dict:
     return dict(loaded)
 
 
-def _deep_merge(base: Mapping, over: Mapping) -> dict:
-    """`over` merged into `base`, section by section (neither is changed)."""
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def resolve_config(*, base: Mapping | None = None, run_dir: Path | None = None,
                    config_path: str | Path | None = None, sets: Sequence[str] = (),
                    data_dir: str | Path | None = None) -> jconfig.Config:
@@ -98,10 +87,10 @@ def resolve_config(*, base: Mapping | None = None, run_dir: Path | None = None,
     """
     data: dict = dict(base or {})
     if run_dir is not None and (run_dir / "config.yaml").is_file():
-        data = _deep_merge(data, _read_yaml(run_dir / "config.yaml"))
+        data = jconfig.merge(data, _read_yaml(run_dir / "config.yaml"))
     if config_path is not None:
-        data = _deep_merge(data, _read_yaml(Path(config_path)))
-    data = _deep_merge(data, jconfig.parse_overrides(list(sets)))
+        data = jconfig.merge(data, _read_yaml(Path(config_path)))
+    data = jconfig.merge(data, jconfig.parse_overrides(list(sets)))
     cfg = jconfig.from_dict(jconfig.Config, data)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(data_dir)))

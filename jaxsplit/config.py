@@ -223,11 +223,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, over: Mapping) -> dict:
+def merge(base: Mapping, over: Mapping) -> dict:
+    """`over` merged into `base`, section by section (neither is changed)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -247,7 +248,7 @@ def load(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Confi
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
         data = dict(loaded)
-    data = _merge(data, parse_overrides(overrides))
+    data = merge(data, parse_overrides(overrides))
     return from_dict(Config, data)
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -203,8 +202,16 @@ class ConvNet(nn.Module):
             h = nn.Conv(layer.features, (3, 3), padding=1, name=name)(h)
             h = nn.relu(h)
             if masks is not None:
+                if name not in masks:
+                    raise ModelInputError(
+                        f"masks have no entry for {name}; expected one per conv layer"
+                    )
                 m = masks[name]
-                chex.assert_shape(m, (layer.features,))
+                if tuple(m.shape) != (layer.features,):
+                    raise ModelInputError(
+                        f"mask of {name} has shape {tuple(m.shape)}; expected "
+                        f"({layer.features},) for its {layer.features} kernels"
+                    )
                 h = h * m.astype(h.dtype)
             self.sow("intermediates", name + ACT_SUFFIX, h)
             if layer.pool:
