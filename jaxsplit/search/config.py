@@ -53,6 +53,7 @@ class SearchConfig:
     backend: Literal["auto", "reference", "fast"] = "auto"
     chunk_individuals: int = 16
     chunk_images: int = 1000
+    shard: bool = True  # split the population over all local devices when there are several (search/sharding.py)
     # driver
     checkpoint_every: int = 5
     seed: int = 0
@@ -73,6 +74,7 @@ class SearchConfig:
                f"must be in [1, max_kept_ensembles={self.max_kept_ensembles}], got {self.min_kept_ensembles}")
         _check(self.chunk_individuals >= 1, "search.chunk_individuals", f"must be >= 1, got {self.chunk_individuals}")
         _check(self.chunk_images >= 1, "search.chunk_images", f"must be >= 1, got {self.chunk_images}")
+        _check(isinstance(self.shard, bool), "search.shard", f"must be true or false, got {self.shard!r}")
         _check(self.checkpoint_every >= 1, "search.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(0.0 <= self.importance_confidence < 1.0, "search.importance_confidence",
                f"must be in [0, 1), got {self.importance_confidence}")

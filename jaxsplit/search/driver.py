@@ -5,7 +5,9 @@
 the population (plus the hall-of-fame ensemble as individual P of every
 class), evaluate the logit table, score it with the cooperative fitness, tell
 the strategy, ask the next population. `make_step(problem)` jit-compiles it
-once; the Python loop only feeds it keys and does I/O.
+once (or, for a host-side evaluator such as the "fast" backend, jit-compiles
+the parts before and after the evaluator); the Python loop only feeds it
+keys and does I/O.
 
 Generations: generation g evaluates population g (population 0 is the
 heuristic initial one) and produces population g+1. As in the reference's
@@ -61,6 +63,7 @@ from jaxsplit.models.convnet import ConvNet, conv_macs, count_params, head_macs
 from jaxsplit.search import encoding as enc_lib
 from jaxsplit.search import fitness as fit_lib
 from jaxsplit.search.evaluate import make_evaluator_from_config
+from jaxsplit.search.sharding import input_placement
 from jaxsplit.search.strategies import BinaryStrategy, make_strategy
 
 MODULARIZE_DIRNAME = "modularize"
@@ -138,14 +141,16 @@ class SearchProblem:
                               empty="kernel0" if self.empty_layer == "kernel0" else "none")
 
 
-def _strong(tree: Any) -> Any:
+def _strong(tree: Any, placement: Any = None) -> Any:
     """Canonical arrays: no weak types, committed to the default device.
 
     Fresh carries (outputs of jit) and carries restored from a checkpoint then
     have one signature, so the compiled step is reused and its inputs are
-    the same bits.
+    the same bits. `placement` (a device or sharding; default the first
+    device) is `sharding.input_placement(evaluate_fn)`: a sharded evaluator
+    needs every input of the step replicated over its mesh.
     """
-    device = jax.devices()[0]
+    device = jax.devices()[0] if placement is None else placement
 
     def fix(x):
         if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
@@ -169,7 +174,8 @@ def init_carry(key: jax.Array, problem: SearchProblem, bits: jax.Array) -> Searc
     if bits.shape[0] != enc.num_classes or bits.shape[-1] != enc.num_genes or bits.ndim != 3:
         raise SearchError(f"initial population has shape {tuple(bits.shape)}; expected "
                           f"(C={enc.num_classes}, P, G={enc.num_genes})")
-    return _strong(jax.jit(partial(_init_carry, problem))(key, bits))
+    return _strong(jax.jit(partial(_init_carry, problem))(key, bits),
+                   input_placement(problem.evaluate_fn))
 
 
 def _init_carry(problem: SearchProblem, key: jax.Array, bits: jax.Array) -> SearchCarry:
@@ -189,6 +195,10 @@ def search_step(problem: SearchProblem, carry: SearchCarry, key: jax.Array, para
                 classes: jax.Array) -> tuple[SearchCarry, dict[str, jax.Array]]:
     """One generation: evaluate `carry.population`, score, tell, ask (pure).
 
+    `decode_population` -> `problem.evaluate_fn` -> `score_and_update`; the
+    two outer parts are pure jnp, the evaluator may be a host-side one (see
+    `make_step`).
+
     Args:
       problem: static pieces.
       carry: the loop state.
@@ -198,14 +208,29 @@ def search_step(problem: SearchProblem, carry: SearchCarry, key: jax.Array, para
     Returns:
       `(carry, metrics)`; metrics are scalars or `(C,)` arrays.
     """
+    all_bits, masks = decode_population(problem, carry)
+    L = problem.evaluate_fn(params, masks, images, classes)
+    return score_and_update(problem, carry, key, all_bits, masks, L, labels, classes)
+
+
+def decode_population(problem: SearchProblem,
+                      carry: SearchCarry) -> tuple[jax.Array, masks_lib.Mask]:
+    """The evaluated bits `(C, P + 1, G)` (population, then the hall of fame) and their masks
+    `{conv: bool[C, P + 1, K]}`."""
+    bits = problem.phenotype(carry.population)  # (C, P, G)
+    all_bits = jnp.concatenate([bits, carry.hof_bits[:, None]], axis=1)  # (C, P + 1, G)
+    return all_bits, problem.decode(all_bits)
+
+
+def score_and_update(problem: SearchProblem, carry: SearchCarry, key: jax.Array,
+                     all_bits: jax.Array, masks: masks_lib.Mask, L: jax.Array, labels: jax.Array,
+                     classes: jax.Array) -> tuple[SearchCarry, dict[str, jax.Array]]:
+    """Score the logit table `L (C, P + 1, N)`, tell, ask: the rest of `search_step` (pure)."""
     enc = problem.enc
     num_classes = enc.num_classes
     k_fit, k_tell, k_ask = jax.random.split(key, 3)
-    bits = problem.phenotype(carry.population)  # (C, P, G)
+    bits = all_bits[:, :-1]  # (C, P, G) = problem.phenotype(carry.population)
     told = problem.strategy.from_bits(bits) if problem.strategy.tell_repaired else carry.population
-    all_bits = jnp.concatenate([bits, carry.hof_bits[:, None]], axis=1)  # (C, P + 1, G)
-    masks = problem.decode(all_bits)
-    L = problem.evaluate_fn(params, masks, images, classes)
     flat = masks_lib.flatten(masks, enc.spec)
     acc_ratio = carry.fitness_state.acc_ratio
     score, info = fit_lib.cooperative_fitness(k_fit, L, flat, labels, classes, acc_ratio,
@@ -239,10 +264,56 @@ def search_step(problem: SearchProblem, carry: SearchCarry, key: jax.Array, para
     return new, metrics
 
 
+class HostEvaluatedStep:
+    """`search_step` for an evaluator that runs outside `jit` (`evaluate_fn.host_side`).
+
+    The "fast" evaluator plans its modules on the host from the mask values
+    (bucketed shapes), so it cannot be traced inside the step's `jit`:
+    here `jit(decode_population)` -> `evaluate_fn` (its own jitted pieces)
+    -> `jit(score_and_update)`. Same values and the same determinism as the
+    single jitted step; call it as `step(carry, key, params, images, labels,
+    classes)`.
+    """
+
+    def __init__(self, problem: SearchProblem, decode_fn: Callable | None = None,
+                 score_fn: Callable | None = None):
+        self.problem = problem
+        self._decode = decode_fn or jax.jit(partial(decode_population, problem))
+        self._score = score_fn or jax.jit(partial(score_and_update, problem))
+
+    def __call__(self, carry, key, params, images, labels, classes):
+        all_bits, masks = self._decode(carry)
+        L = self.problem.evaluate_fn(params, masks, images, classes)
+        return self._score(carry, key, all_bits, masks, L, labels, classes)
+
+    def compile(self, carry, key, params, images, labels, classes) -> HostEvaluatedStep:
+        """Ahead-of-time compiled decode and score parts for these argument shapes (the
+        evaluator compiles its own pieces when it first meets a shape)."""
+        del params  # the evaluator's business
+        decode = self._decode.lower(carry).compile()
+        all_bits, masks = jax.eval_shape(self._decode, carry)
+        L = jax.ShapeDtypeStruct((*all_bits.shape[:2], images.shape[0]), jnp.float32)
+        score = self._score.lower(carry, key, all_bits, masks, L, labels, classes).compile()
+        return HostEvaluatedStep(self.problem, decode, score)
+
+
 def make_step(problem: SearchProblem) -> Callable:
-    """`jit(search_step)` for `problem`: `step(carry, key, params, images, labels, classes)`."""
+    """`step(carry, key, params, images, labels, classes)` for `problem`.
+
+    `jit(search_step)`, or a `HostEvaluatedStep` when the evaluator must run
+    outside `jit` (`problem.evaluate_fn.host_side`, e.g. the "fast" backend).
+    """
+    if getattr(problem.evaluate_fn, "host_side", False):
+        return HostEvaluatedStep(problem)
     return jax.jit(lambda carry, key, params, images, labels, classes: search_step(
         problem, carry, key, params, images, labels, classes))
+
+
+def compile_step(step: Callable, carry, key, params, images, labels, classes) -> Callable:
+    """`make_step`'s result compiled ahead of time for these arguments."""
+    if isinstance(step, HostEvaluatedStep):
+        return step.compile(carry, key, params, images, labels, classes)
+    return step.lower(carry, key, params, images, labels, classes).compile()
 
 
 def generation_key(base_key: jax.Array, generation: int) -> jax.Array:
@@ -365,6 +436,19 @@ def save_search_checkpoint(ckpt_root: Path, done: int, carry: SearchCarry, base_
     return path
 
 
+def _unreadable(path: Path, err: Exception) -> ResumeError:
+    return ResumeError(f"cannot resume from {str(path)!r}: {err}. Delete this checkpoint to resume from an "
+                       f"earlier one (or start a new run without resume)")
+
+
+def _check_fingerprint(path: Path, meta: Mapping[str, Any], current_fp: Mapping[str, Any]) -> None:
+    diffs = compare_fingerprints(meta.get("fingerprint", {}), current_fp)
+    if diffs:
+        raise ResumeError(
+            f"refusing to resume from {str(path)!r}: it was made with a different "
+            + "; ".join(diffs) + ". Resume with the same config and model, or start a new run")
+
+
 def check_resumable(path: Path, current_fp: Mapping[str, Any]) -> dict:
     """The metadata of checkpoint `path` if it can be resumed by a run with `current_fp`.
 
@@ -374,14 +458,8 @@ def check_resumable(path: Path, current_fp: Mapping[str, Any]) -> dict:
     try:
         meta = ckpt.read_metadata(path)
     except ckpt.CheckpointError as e:
-        raise ResumeError(
-            f"cannot resume from {str(path)!r}: {e}. Delete this checkpoint to resume from an "
-            f"earlier one (or start a new run without resume)") from e
-    diffs = compare_fingerprints(meta.get("fingerprint", {}), current_fp)
-    if diffs:
-        raise ResumeError(
-            f"refusing to resume from {str(path)!r}: it was made with a different "
-            + "; ".join(diffs) + ". Resume with the same config and model, or start a new run")
+        raise _unreadable(path, e) from e
+    _check_fingerprint(path, meta, current_fp)
     return meta
 
 
@@ -399,14 +477,8 @@ def load_search_checkpoint(path: Path, template: Any, base_key: jax.Array,
     try:
         tree, meta = ckpt.load_pytree(path, target)
     except ckpt.CheckpointError as e:
-        raise ResumeError(
-            f"cannot resume from {str(path)!r}: {e}. Delete this checkpoint to resume from an "
-            f"earlier one (or start a new run without resume)") from e
-    diffs = compare_fingerprints(meta.get("fingerprint", {}), current_fp)
-    if diffs:
-        raise ResumeError(
-            f"refusing to resume from {str(path)!r}: it was made with a different "
-            + "; ".join(diffs) + ". Resume with the same config and model, or start a new run")
+        raise _unreadable(path, e) from e
+    _check_fingerprint(path, meta, current_fp)
     if not np.array_equal(np.asarray(tree["base_key"]), np.asarray(jax.random.key_data(base_key))):
         raise ResumeError(f"refusing to resume from {str(path)!r}: its base key differs (search.seed)")
     return _strong(tree["carry"]), meta
@@ -667,13 +739,15 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         carry = fresh_carry()
 
     total = scfg.num_generations + 1
-    dev_params = _strong(params)
-    dev = _strong((images, labels, classes))
+    place = input_placement(problem.evaluate_fn)  # a sharded evaluator's mesh, else device 0
+    carry = _strong(carry, place)
+    dev_params = _strong(params, place)
+    dev = _strong((images, labels, classes), place)
     step = make_step(problem)
     finished = bool(carry.stopped) or start >= total
     if not finished:
         t_c = time.perf_counter()
-        compiled = step.lower(carry, generation_key(base_key, start), dev_params, *dev).compile()
+        compiled = compile_step(step, carry, generation_key(base_key, start), dev_params, *dev)
         this_compile = time.perf_counter() - t_c
         compile_time = this_compile if compile_time is None else compile_time
         bar = None
@@ -685,7 +759,8 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         try:
             for g in range(start, total):
                 t_g = time.perf_counter()
-                carry, metrics = compiled(_strong(carry), generation_key(base_key, g), dev_params, *dev)
+                carry, metrics = compiled(_strong(carry, place), generation_key(base_key, g), dev_params,
+                                          *dev)
                 entry = {"generation": g, **_to_host(metrics)}
                 entry["time_s"] = time.perf_counter() - t_g
                 history.append(entry)

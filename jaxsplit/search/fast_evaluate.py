@@ -1,0 +1,580 @@
+"""The "fast" population evaluator: every module physically extracted, FLOPs on kept kernels only.
+
+Same contract as `jaxsplit.search.evaluate` (the `Evaluator` protocol):
+
+    evaluate_fn(params, masks, images, classes) -> L (C, P, N) float32
+    L[c, i, n] = logit classes[c] of the model masked with masks[c, i] on image n.
+
+Why another backend: the reference backend (activation masking, shared
+weights, `vmap` over individuals) spends the full model's FLOPs on every
+module, although a module keeping a fraction f of every layer's kernels needs
+about f² of them (SPEC §7: a masked kernel is a removed kernel), and `vmap`
+turns its convolutions into per-individual grouped convolutions, which XLA's
+CPU backend runs far below matmul speed. This backend does what CNNSplitter's
+PyTorch loop does (build each module physically, run the images through
+it), with the shapes kept static for XLA:
+
+* **Plan (host, numpy).** For every individual m (the C·P mask rows,
+  flattened) and conv layer l: the *slots* of l are the kept kernel indices,
+  ascending (for a residual tie group: the union over the group, so both
+  sides of an add use the same channel order); their count is rounded up to a
+  *bucket* size `B_l = bucket_size(count, K_l, num_buckets)` (a multiple of
+  `bucket_step(K_l, num_buckets)`: `ceil(K_l / num_buckets)` aligned to 8,
+  at most K_l); the extra slots point at a padding index K_l.
+  `plan_modules` computes this.
+* **Extract (host, numpy): the physically extracted module.** The params are
+  padded once per call with a zero input row and a zero output column per
+  conv (`prepare_params`); a module's conv l is the dense block
+  `w_pad[:, :, slots_{l-1}, cols_l]` of shape `(3, 3, B_{l-1}, B_l)` (cols_l:
+  the slots that l keeps itself, the others -> K_l), its bias
+  `b_pad[cols_l]`; the first Dense layer keeps the rows of the NHWC flatten
+  `(h, w, slot)`; the classifier keeps the single column `classes[c]`.
+  Padding slots meet zero weights and zero biases, so they carry exact zeros
+  through ReLU, pool and the residual adds: the padded module computes the
+  same numbers as the unpadded extracted one (up to float summation order).
+  Slicing on the host costs no compilation (a jitted gather per shape
+  compiled for 0.1-0.2 s) and ~10-20 ms per full-width module; the next group
+  of modules is sliced while the device runs the current one.
+* **Run (device, jitted per shape).** Per image chunk, the first conv layer
+  of the raw images is computed once for all kernels and shared by all
+  individuals (each takes its kept channels). Then, per individual, one
+  jitted call per conv block (conv + bias + ReLU [+ 2x2 max-pool] [+
+  residual add]) and one for the head. The convolution is chosen per layer
+  by the map's size (`conv_method`): XLA's convolution where it runs near
+  matmul speed (maps larger than 2x2), and one dense matmul
+  `(n, H·W·B_in) @ (H·W·B_in, H·W·B_out)` for maps of at most 2x2, where
+  XLA's convolution runs ~50-100x slower. For a 2x2 map every block of that
+  matrix is a real kernel tap (all pairs of positions are neighbours), so it
+  does no wasted work. `jax.jit`'s cache compiles each (block kind, n,
+  B_in, B_out) once (~40-70 ms each at full width); the buckets keep that
+  set small.
+
+Individuals run one after another (JAX's asynchronous dispatch overlaps
+Python with the device), each on `n <= chunk_images` images: a module's
+convolutions are then big enough for the matmul kernels (n·H·W rows)
+without a `vmap`, which would turn them back into grouped convolutions.
+
+Under an outer `jit` (masks are tracers, so no host plan is possible) the
+evaluator still works: every bucket is the full K_l (the slots are computed
+with `jnp`) and `lax.map` runs the individuals and image chunks. That path
+is exact but spends the model's full FLOPs on every module; call the
+evaluator outside `jit` to get the savings. The search driver does
+(`evaluate_fn.host_side` is True, see `driver.make_step`).
+
+Peak memory (host path, float32, bytes / 4):
+      2 · params                         (the params and their padded copy)
+    + 2 · chunk_individuals · module     (this group's and the next group's
+                                          modules; module ≤ params)
+    + 2 · n·H0·W0·K0                     (the shared first-layer maps of two
+                                          image chunks)
+    + ≈ 3 · n · max_l H_l·W_l·B_l        (a block's input, output, residual)
+    + images + C·P·N                     (inputs and the output L)
+with n ≤ chunk_images the image chunk size. Nothing grows with P or N
+except the inputs and the output. Example: full-width SimCNN at 32x32, 50%
+kept, N = 1000 = chunk_images, chunk_individuals=16: params 59 MB, modules
+2 · 16 · 15 MB, first maps 2 · 1000·32·32·64·4 B = 524 MB, block maps
+3 · 131 MB: ≈ 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsplit.models.convnet import ConvNet, ConvSpec
+from jaxsplit.search.evaluate import EvaluatorInputError, check_eval_inputs
+
+CONV = "conv"  # XLA convolution
+DENSE = "dense"  # the whole (small) map as one matmul
+DENSE_MAX_HW = 2  # maps of at most DENSE_MAX_HW x DENSE_MAX_HW use DENSE
+DEFAULT_NUM_BUCKETS = 32
+ALIGN = 8
+
+
+def conv_method(hw: tuple[int, int]) -> str:
+    """How a conv layer with input map `hw` is computed: "dense" for maps ≤ 2x2, else "conv".
+
+    Rule from measurements on 2 AVX-512 cores (jax 0.10 CPU), n = 256 images,
+    useful FLOP/s: XLA conv at 2x2 ran at 3-4 GFLOP/s (256-512 channels) vs
+    ~250 for the dense matmul; at 4x4 and larger XLA conv ran at 100-200
+    (better than im2col matmuls, 60-140), while a dense matrix would multiply
+    by zero blocks (a 4x4 map has 100 of 256 position pairs adjacent).
+    """
+    return DENSE if hw[0] <= DENSE_MAX_HW and hw[1] <= DENSE_MAX_HW else CONV
+
+
+def bucket_step(num_kernels: int, num_buckets: int) -> int:
+    """Granularity of a layer's slot counts: `ceil(K / num_buckets)` rounded up to a multiple of
+    `ALIGN` (8 floats; XLA's convolutions slow down on odd channel counts), at most K."""
+    step = -(-num_kernels // num_buckets)
+    return min(num_kernels, -(-step // ALIGN) * ALIGN)
+
+
+def bucket_size(count: np.ndarray | int, num_kernels: int, num_buckets: int) -> np.ndarray:
+    """Static slot count for `count` kept kernels of a layer of `num_kernels`.
+
+    `count` is rounded up to a multiple of `bucket_step(num_kernels,
+    num_buckets)` (at least one step, at most `num_kernels`), so a layer
+    has at most `num_buckets` distinct sizes.
+
+    Example: K=512, 32 buckets: step 16; counts 0..16 -> 16, 17 -> 32,
+    500 -> 512. K=64: step 8 (8 sizes). K=6: step 6 (one size, the full layer).
+    """
+    step = bucket_step(num_kernels, num_buckets)
+    count = np.asarray(count)
+    return np.minimum(np.maximum(-(-count // step), 1) * step, num_kernels).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """Slots of one conv layer for all M individuals of a call (host arrays).
+
+    Attributes:
+      slots: `(M, K)` int32; row m = the layer's channel slots of individual m
+        in ascending order (kept kernels, or a tie group's union), then the
+        padding index K.
+      cols: `(M, K)` int32; = slots where the layer keeps the kernel itself,
+        else K (its weights/bias column is then the zero padding column).
+      sizes: `(M,)` int64 bucketed slot counts B (use `slots[m, :sizes[m]]`).
+      counts: `(M,)` int64 real slot counts.
+    """
+
+    slots: np.ndarray
+    cols: np.ndarray
+    sizes: np.ndarray
+    counts: np.ndarray
+
+
+def plan_modules(spec: ConvSpec, masks: Mapping[str, np.ndarray],
+                 num_buckets: int = DEFAULT_NUM_BUCKETS) -> dict[str, LayerPlan]:
+    """Per-layer slots and bucket sizes of every individual (host side, numpy).
+
+    Args:
+      spec: the model's conv spec.
+      masks: `{conv_name: bool (M, K_l)}` (concrete).
+      num_buckets: bucket count per layer (see `bucket_size`).
+
+    Returns:
+      `{conv_name: LayerPlan}`; the layers of a tie group share `slots` and
+      `sizes` (the union of their masks), so residual adds line up.
+    """
+    host = {n: np.asarray(masks[n], bool) for n in spec.names}
+    group_of = {n: g for g in spec.ties for n in g}
+    plans = {}
+    for layer in spec.layers:
+        k = layer.num_kernels
+        own = host[layer.name]
+        union = own
+        for other in group_of.get(layer.name, ()):
+            union = union | host[other]
+        counts = union.sum(axis=1).astype(np.int64)
+        order = np.argsort(~union, axis=1, kind="stable")  # kept first, ascending
+        slots = np.where(np.arange(k)[None, :] < counts[:, None], order, k).astype(np.int32)
+        kept_here = np.take_along_axis(own, np.minimum(slots, k - 1), axis=1) & (slots < k)
+        cols = np.where(kept_here, slots, k).astype(np.int32)
+        plans[layer.name] = LayerPlan(slots, cols, bucket_size(counts, k, num_buckets), counts)
+    return plans
+
+
+# -- building blocks (numpy on the host path, jax.numpy in the traced fallback) ---------
+
+
+def prepare_params(model: ConvNet, params: Mapping, xp: Any = np) -> dict[str, Any]:
+    """Params padded with a zero row/column at index K (the padding slot), float32.
+
+    Args:
+      model: the `ConvNet`; params: its inner params dict.
+      xp: `numpy` (host path) or `jax.numpy` (traced fallback).
+
+    Returns:
+      `{conv_name: (kernel (3, 3, Cin + 1, K + 1), bias (K + 1,)), "head": [(kernel, bias),
+      ...]}`; the first head kernel reshaped to `(H_L, W_L, K_L + 1, D_1)`.
+    """
+    spec = model.conv_spec()
+    out: dict[str, Any] = {}
+    for layer in spec.layers:
+        p = params[layer.name]
+        out[layer.name] = (
+            xp.pad(xp.asarray(p["kernel"], xp.float32), ((0, 0), (0, 0), (0, 1), (0, 1))),
+            xp.pad(xp.asarray(p["bias"], xp.float32), (0, 1)),
+        )
+    widths = model.head_widths()
+    first = len(spec.layers)
+    hh, ww = spec.head_in_hw
+    k_last = spec.layers[-1].num_kernels
+    head = []
+    for j in range(len(widths) - 1):
+        p = params[f"fc_{first + j}"]
+        kernel, bias = xp.asarray(p["kernel"], xp.float32), xp.asarray(p["bias"], xp.float32)
+        if j == 0:
+            kernel = xp.pad(kernel.reshape(hh, ww, k_last, widths[1]),
+                            ((0, 0), (0, 0), (0, 1), (0, 0)))
+        head.append((kernel, bias))
+    out["head"] = head
+    return out
+
+
+def dense_weight(w: Any, hw: tuple[int, int], xp: Any = np) -> Any:
+    """`(3, 3, Bi, Bo)` -> `(H·W·Bi, H·W·Bo)`: the padded 3x3 conv on an H x W map as a matrix.
+
+    Rows are the NHWC flatten of the input map, columns of the output map;
+    block (p_in, p_out) is `w[i_in - i_out + 1, j_in - j_out + 1]` when the
+    positions are neighbours, else zero (never for maps of at most 2x2).
+    """
+    height, width = hw
+    b_in, b_out = w.shape[2:]
+    pairs = [(i_in * width + j_in, i_out * width + j_out, i_in - i_out + 1, j_in - j_out + 1)
+             for i_in in range(height) for j_in in range(width)
+             for i_out in range(height) for j_out in range(width)]
+    if xp is np:  # one pass: write the blocks into a preallocated matrix
+        out = np.zeros((height * width * b_in, height * width * b_out), w.dtype)
+        for p_in, p_out, di, dj in pairs:
+            if 0 <= di < 3 and 0 <= dj < 3:
+                out[p_in * b_in:(p_in + 1) * b_in, p_out * b_out:(p_out + 1) * b_out] = w[di, dj]
+        return out
+    zeros = xp.zeros((b_in, b_out), w.dtype)
+    blocks = [w[di, dj] if 0 <= di < 3 and 0 <= dj < 3 else zeros for _, _, di, dj in pairs]
+    num = height * width
+    return xp.concatenate([xp.concatenate(blocks[r * num:(r + 1) * num], axis=1)
+                           for r in range(num)], axis=0)
+
+
+def gather_conv(kernel_pad: Any, bias_pad: Any, rows: Any, cols: Any, *, method: str,
+                hw: tuple[int, int], xp: Any = np) -> tuple[Any, Any]:
+    """One module's conv weights (physical extraction of one layer).
+
+    Args:
+      kernel_pad: `(3, 3, Cin + 1, K + 1)`; bias_pad `(K + 1,)` (zero padding at the ends).
+      rows: `(B_in,)` int input slots (the previous layer's slots; Cin = padding).
+      cols: `(B_out,)` int output columns (K = padding).
+      method: "conv" -> kernel `(3, 3, B_in, B_out)`; "dense" -> `(H·W·B_in, H·W·B_out)`.
+
+    Returns:
+      `(kernel, bias (B_out,))`.
+    """
+    w = kernel_pad[:, :, rows[:, None], cols[None, :]]
+    if method == DENSE:
+        w = dense_weight(w, hw, xp)
+    return w, bias_pad[cols]
+
+
+def gather_head(head: list, rows: Any, cls: Any) -> list:
+    """One module's head: the first kernel's rows for `rows` slots, the classifier's column `cls`.
+
+    Args:
+      head: `prepare_params(...)["head"]`.
+      rows: `(B_L,)` int slots of the last conv layer.
+      cls: `()` int class id.
+
+    Returns:
+      `[(kernel, bias), ...]`; the last kernel is `(D,)` and its bias `()`.
+    """
+    out = []
+    last = len(head) - 1
+    for j, (kernel, bias) in enumerate(head):
+        if j == 0:
+            kernel = kernel[:, :, rows]
+            kernel = kernel.reshape(-1, kernel.shape[-1])
+        if j == last:
+            kernel, bias = kernel[:, cls], bias[cls]
+        out.append((kernel, bias))
+    return out
+
+
+def _pool(h: jax.Array) -> jax.Array:
+    """2x2/stride-2 max-pool of `(n, H, W, B)` (floor, like `nn.max_pool` with VALID padding)."""
+    n, height, width, b = h.shape
+    h = h[:, : height // 2 * 2, : width // 2 * 2]
+    return h.reshape(n, height // 2, 2, width // 2, 2, b).max(axis=(2, 4))
+
+
+def conv_block(x: jax.Array, kernel: jax.Array, bias: jax.Array, residual: jax.Array | None, *,
+               method: str, pool: bool) -> jax.Array:
+    """conv 3x3 (pad 1) + bias -> ReLU -> [2x2 max-pool] -> [+ residual].
+
+    Args:
+      x: `(n, H, W, B_in)`; kernel/bias from `gather_conv(method=method)`.
+      residual: `(n, H', W', B_out)` or None.
+
+    Returns:
+      `(n, H', W', B_out)`.
+    """
+    n, height, width, _ = x.shape
+    if method == DENSE:
+        y = (x.reshape(n, -1) @ kernel).reshape(n, height, width, -1)
+    else:
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.nn.relu(y + bias)
+    if pool:
+        y = _pool(y)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def first_preactivation(images: jax.Array, kernel_pad: jax.Array, bias_pad: jax.Array) -> jax.Array:
+    """The first conv of the raw images for all K0 kernels (before ReLU).
+
+    Args:
+      images: `(n, H, W, Cin)`; kernel_pad `(3, 3, Cin + 1, K0 + 1)`; bias_pad `(K0 + 1,)`.
+
+    Returns:
+      `(n, H, W, K0)`.
+    """
+    kernel = kernel_pad[:, :, :-1, :-1]  # the padding column would make XLA's conv 2x slower
+    y = jax.lax.conv_general_dilated(images.astype(jnp.float32), kernel, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias_pad[:-1]
+
+
+def first_block(pre: jax.Array, cols: jax.Array, *, pool: bool) -> jax.Array:
+    """One module's first block from the shared pre-activation: take `cols` (K0 -> 0), ReLU, [pool]."""
+    y = jax.nn.relu(jnp.take(pre, cols, axis=3, mode="fill", fill_value=0.0))
+    return _pool(y) if pool else y
+
+
+def head_forward(features: jax.Array, head: list) -> jax.Array:
+    """`(n, H_L, W_L, B_L)` -> the module's logit `(n,)` (Dense -> ReLU -> ... -> column)."""
+    h = features.reshape(features.shape[0], -1)
+    last = len(head) - 1
+    for j, (kernel, bias) in enumerate(head):
+        h = h @ kernel + bias
+        if j < last:
+            h = jax.nn.relu(h)
+    return h
+
+
+# -- the evaluator ----------------------------------------------------------------------
+
+
+def _image_chunks(num_images: int, chunk_images: int) -> tuple[int, int]:
+    """`(num_chunks, chunk_size)`: equal chunks of at most `chunk_images` covering N."""
+    num = -(-num_images // chunk_images)
+    return num, -(-num_images // num)
+
+
+class FastEvaluator:
+    """The "fast" `Evaluator` (see the module docstring).
+
+    Attributes:
+      model: the `ConvNet`.
+      chunk_individuals: modules extracted (weights held) at once.
+      chunk_images: images run through a module at once (bounds memory).
+      num_buckets: bucket sizes per layer (see `bucket_size`).
+      methods: `{conv_name: "conv" | "dense"}` (see `conv_method`).
+      trace_counts: `Counter` of traces per jitted piece (one per new shape;
+        for tests and for watching compilations).
+      host_side: True: call it outside `jit` to get its speed (the search
+        driver checks this); under `jit` it falls back to full-size buckets.
+    """
+
+    host_side = True
+
+    def __init__(self, model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
+                 num_buckets: int = DEFAULT_NUM_BUCKETS):
+        for name, value in (("chunk_individuals", chunk_individuals),
+                            ("chunk_images", chunk_images), ("num_buckets", num_buckets)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise EvaluatorInputError(f"{name} must be an int >= 1, got {value!r}")
+        self.model = model
+        self.spec = model.conv_spec()
+        self.chunk_individuals = int(chunk_individuals)
+        self.chunk_images = int(chunk_images)
+        self.num_buckets = int(num_buckets)
+        self.trace_counts: collections.Counter = collections.Counter()
+        self.methods = {l.name: conv_method(l.input_hw) for l in self.spec.layers}
+        self._index = {name: i for i, name in enumerate(self.spec.names)}
+
+        def counted(name, fn, **static):
+            def traced(*args):
+                self.trace_counts[name] += 1
+                return fn(*args, **static)
+            return jax.jit(traced)
+
+        self._first = counted("first_preactivation", first_preactivation)
+        self._first_block = {p: counted(f"first_block/pool={p}", first_block, pool=p)
+                             for p in (False, True)}
+        self._conv_block = {}
+        for layer in self.spec.layers[1:]:
+            key = (self.methods[layer.name], layer.pool, layer.residual_from is not None)
+            if key not in self._conv_block:
+                self._conv_block[key] = counted(
+                    f"conv_block/{key[0]}/pool={key[1]}/residual={key[2]}", _conv_block_positional,
+                    method=key[0], pool=key[1])
+        self._head = counted("head", head_forward)
+        self._traced = counted("traced_evaluate", self._evaluate_traced)
+
+    @property
+    def num_traces(self) -> int:
+        """Traces of all jitted pieces so far."""
+        return sum(self.trace_counts.values())
+
+    def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
+                 classes: jax.Array) -> jax.Array:
+        """See `jaxsplit.search.evaluate.Evaluator`."""
+        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images, classes)
+        leaves = [masks[n] for n in self.spec.names] + [classes, images]
+        leaves += jax.tree_util.tree_leaves(params)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            return self._traced(params, masks, images, classes)
+        total = num_rows * num_individuals
+        flat = {n: np.asarray(masks[n], bool).reshape(total, -1) for n in self.spec.names}
+        row_class = np.repeat(np.asarray(classes, np.int64), num_individuals)
+        out = self._evaluate_host(params, flat, images, row_class)  # (M, N)
+        result = jnp.asarray(out.reshape(num_rows, num_individuals, num_images))
+        chex.assert_shape(result, (num_rows, num_individuals, num_images))
+        return result
+
+    # -- host path --------------------------------------------------------------------
+
+    def _evaluate_host(self, params, flat_masks, images, row_class) -> np.ndarray:
+        """`(M, N)` logits: modules extracted on the host, run by the jitted blocks."""
+        first = self.spec.layers[0]
+        plans = plan_modules(self.spec, flat_masks, self.num_buckets)
+        prepared = prepare_params(self.model, jax.device_get(params))
+        total = row_class.shape[0]
+        num_images = int(images.shape[0])
+        num_chunks, chunk = _image_chunks(num_images, self.chunk_images)
+        padded = num_chunks * chunk
+        images = jnp.asarray(images, jnp.float32)
+        if padded > num_images:  # pad with copies of image 0 (cut from the result)
+            images = jnp.concatenate(
+                [images, jnp.broadcast_to(images[:1], (padded - num_images, *images.shape[1:]))])
+        first_weights = jax.device_put(prepared[first.name])
+        out = np.empty((total, padded), np.float32)
+        groups = [range(start, min(start + self.chunk_individuals, total))
+                  for start in range(0, total, self.chunk_individuals)]
+
+        def extract(members):
+            return [jax.device_put(self._extract(prepared, plans, m, int(row_class[m])))
+                    for m in members]
+
+        def collect(pending):
+            for m, c, logit in pending:
+                out[m, c * chunk:(c + 1) * chunk] = np.asarray(logit)
+
+        modules = extract(groups[0])
+        for g, members in enumerate(groups):
+            previous = []
+            for c in range(num_chunks):
+                pre = self._first(jax.lax.slice_in_dim(images, c * chunk, (c + 1) * chunk),
+                                  *first_weights)
+                pending = [(m, c, self._forward(pre, module)) for m, module in zip(members, modules)]
+                if c == 0:  # the device runs this chunk (asynchronous dispatch) while the host
+                    next_modules = extract(groups[g + 1]) if g + 1 < len(groups) else None
+                collect(previous)  # at most two chunks' first-layer maps alive
+                previous = pending
+            collect(previous)
+            modules = next_modules
+        return out[:, :num_images]
+
+    def _extract(self, prepared, plans, m: int, cls: int) -> dict[str, Any]:
+        """Module m's weights, sliced on the host (numpy): the physically extracted module."""
+        layers = self.spec.layers
+        size = {l.name: int(plans[l.name].sizes[m]) for l in layers}
+        first = layers[0]
+        module = {"cols0": plans[first.name].cols[m, :size[first.name]]}
+        for prev, layer in zip(layers[:-1], layers[1:]):
+            module[layer.name] = gather_conv(
+                *prepared[layer.name], plans[prev.name].slots[m, :size[prev.name]],
+                plans[layer.name].cols[m, :size[layer.name]], method=self.methods[layer.name],
+                hw=layer.input_hw)
+        last = layers[-1]
+        module["head"] = gather_head(prepared["head"], plans[last.name].slots[m, :size[last.name]],
+                                     cls)
+        return module
+
+    def _forward(self, pre: jax.Array, module: Mapping[str, Any]) -> jax.Array:
+        """One module on one image chunk: `pre (n, H, W, K0)` -> logits `(n,)`."""
+        layers = self.spec.layers
+        x = self._first_block[layers[0].pool](pre, module["cols0"])
+        outputs = [x]
+        for layer in layers[1:]:
+            kernel, bias = module[layer.name]
+            res = None if layer.residual_from is None else outputs[self._index[layer.residual_from]]
+            block = self._conv_block[(self.methods[layer.name], layer.pool, res is not None)]
+            x = block(x, kernel, bias) if res is None else block(x, kernel, bias, res)
+            outputs.append(x)
+        return self._head(x, module["head"])
+
+    # -- traced fallback (inside an outer jit) ----------------------------------------
+
+    def _evaluate_traced(self, params, masks, images, classes) -> jax.Array:
+        """Full-size buckets, slots computed with `jnp`; exact, without the FLOP savings."""
+        spec = self.spec
+        layers = spec.layers
+        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images, classes)
+        total = num_rows * num_individuals
+        flat = {n: masks[n].reshape(total, -1) for n in spec.names}
+        group_of = {n: g for g in spec.ties for n in g}
+        slots, cols = {}, {}
+        for layer in layers:
+            k = layer.num_kernels
+            union = flat[layer.name]
+            for other in group_of.get(layer.name, ()):
+                union = union | flat[other]
+            count = union.sum(axis=1)
+            order = jnp.argsort(~union, axis=1, stable=True)
+            s = jnp.where(jnp.arange(k)[None, :] < count[:, None], order, k).astype(jnp.int32)
+            kept = jnp.take_along_axis(flat[layer.name], jnp.minimum(s, k - 1), axis=1) & (s < k)
+            slots[layer.name], cols[layer.name] = s, jnp.where(kept, s, k).astype(jnp.int32)
+        row_class = jnp.repeat(classes.astype(jnp.int32), num_individuals)
+        prepared = prepare_params(self.model, params, jnp)
+        num_chunks, chunk = _image_chunks(num_images, self.chunk_images)
+        images = images.astype(jnp.float32)
+        padded = num_chunks * chunk
+        if padded > num_images:
+            images = jnp.concatenate(
+                [images, jnp.broadcast_to(images[:1], (padded - num_images, *images.shape[1:]))])
+        image_chunks = images.reshape(num_chunks, chunk, *images.shape[1:])
+
+        def one_module(pre, args):  # -> (n,)
+            m_slots, m_cols, cls = args
+            x = first_block(pre, m_cols[layers[0].name], pool=layers[0].pool)
+            outputs = [x]
+            for prev, layer in zip(layers[:-1], layers[1:]):
+                method = self.methods[layer.name]
+                kernel, bias = gather_conv(*prepared[layer.name], m_slots[prev.name],
+                                           m_cols[layer.name], method=method, hw=layer.input_hw,
+                                           xp=jnp)
+                res = (None if layer.residual_from is None
+                       else outputs[self._index[layer.residual_from]])
+                x = conv_block(x, kernel, bias, res, method=method, pool=layer.pool)
+                outputs.append(x)
+            return head_forward(x, gather_head(prepared["head"], m_slots[layers[-1].name], cls))
+
+        def image_chunk(x):  # (n, H, W, Cin) -> (M, n)
+            pre = first_preactivation(x, *prepared[layers[0].name])
+            return jax.lax.map(lambda a: one_module(pre, a), (slots, cols, row_class))
+
+        out = jax.lax.map(image_chunk, image_chunks)  # (num_chunks, M, n)
+        out = jnp.moveaxis(out, 0, 1).reshape(total, padded)[:, :num_images]
+        return out.reshape(num_rows, num_individuals, num_images).astype(jnp.float32)
+
+
+def _conv_block_positional(x, kernel, bias, residual=None, *, method: str, pool: bool):
+    return conv_block(x, kernel, bias, residual, method=method, pool=pool)
+
+
+def make_fast_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
+                        num_buckets: int = DEFAULT_NUM_BUCKETS) -> FastEvaluator:
+    """The "fast" `Evaluator` for `model` (what `make_evaluator(model, "fast")` returns).
+
+    Args:
+      model: the `ConvNet`.
+      chunk_individuals: modules extracted at once (their weights are held
+        while all image chunks run through them).
+      chunk_images: images run through a module at once.
+      num_buckets: distinct slot counts per layer (more: less padding, more
+        compiled shapes).
+    """
+    return FastEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
+                         num_buckets=num_buckets)

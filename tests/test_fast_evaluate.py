@@ -1,0 +1,294 @@
+"""The "fast" evaluator backend (search.fast_evaluate): exact vs the reference, bucketing, traces."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxsplit import importance as imp_lib
+from jaxsplit import masks as M
+from jaxsplit.models.convnet import ConvLayerDef, ConvNet, simcnn, weak_cnn
+from jaxsplit.search import driver as D
+from jaxsplit.search import evaluate as E
+from jaxsplit.search import fast_evaluate as FE
+from jaxsplit.search.config import SearchConfig
+
+C, P, N = 3, 4, 21  # chunk sizes 5 (individuals) and 8 (images) divide neither C·P nor N
+
+
+def tiny_residual() -> ConvNet:
+    """Two tie groups: conv_3 adds conv_1 ("conv" on 4x4 maps), conv_6 adds conv_5 ("dense" on
+    1x1 maps); maps 8x8 -> 4x4 -> 2x2 ("dense") -> 1x1."""
+    return ConvNet(convs=(ConvLayerDef(12), ConvLayerDef(24, pool=True), ConvLayerDef(16),
+                          ConvLayerDef(24, residual_from=1), ConvLayerDef(20, pool=True),
+                          ConvLayerDef(18, pool=True), ConvLayerDef(18, residual_from=5)),
+                   hidden=(16,), head_dropout=(0.0, 0.0), num_classes=5, in_channels=2,
+                   image_size=8)
+
+
+MODELS = {
+    # widths >= 16 so that layers have several bucket sizes (step 8) and padded slots
+    "simcnn": lambda: simcnn(num_classes=10, in_channels=3, width=0.125),  # 2x2 maps: "dense"
+    "weak": lambda: weak_cnn(num_classes=6, in_channels=1, width=0.25, image_size=28),  # 7x7, 3x3
+    "residual": tiny_residual,
+}
+
+
+def random_params(model: ConvNet, seed: int) -> dict:
+    """He-scaled random params of `model`'s shapes, logits O(1) (built with numpy: flax's init
+    of a 13-layer net compiles for seconds)."""
+    rng = np.random.default_rng(seed)
+    spec = model.conv_spec()
+    params = {}
+    for l in spec.layers:
+        params[l.name] = {"kernel": rng.normal(size=(3, 3, l.in_channels, l.num_kernels)) *
+                          np.sqrt(2.0 / (9 * l.in_channels)),
+                          "bias": rng.normal(size=l.num_kernels) * 0.1}
+    widths = model.head_widths()
+    for j in range(len(widths) - 1):
+        params[f"fc_{len(spec.layers) + j}"] = {
+            "kernel": rng.normal(size=(widths[j], widths[j + 1])) * np.sqrt(2.0 / widths[j]),
+            "bias": rng.normal(size=widths[j + 1]) * 0.1}
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def random_masks(model: ConvNet, keep: float, seed: int, batch=(C, P)) -> dict:
+    """Masks `(*batch, K)`: each kernel kept with probability `keep`, at least one per layer,
+    ties copied (numpy: `masks.random` under jit would compile per model)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for layer in model.conv_spec().layers:
+        m = rng.random((*batch, layer.num_kernels)) < keep
+        forced = rng.integers(0, layer.num_kernels, batch)
+        np.put_along_axis(m, forced[..., None], True, axis=-1)
+        out[layer.name] = m
+    return {k: jnp.asarray(v) for k, v in M.tie(out, model.conv_spec()).items()}
+
+
+def masks_from_counts(model: ConvNet, counts: dict[str, np.ndarray], seed: int) -> dict:
+    """Masks `(C, P, K)` keeping exactly `counts[layer][c, i]` random kernels (ties copied)."""
+    spec = model.conv_spec()
+    rng = np.random.default_rng(seed)
+    out = {}
+    for layer in spec.layers:
+        k = layer.num_kernels
+        n = counts[layer.name]
+        m = np.zeros((*n.shape, k), bool)
+        for idx in np.ndindex(n.shape):
+            m[idx][rng.choice(k, int(n[idx]), replace=False)] = True
+        out[layer.name] = m
+    return {k: jnp.asarray(v) for k, v in M.tie(out, spec).items()}
+
+
+@pytest.fixture(scope="module")
+def cases():
+    out = {}
+    for i, (name, make) in enumerate(MODELS.items()):
+        model = make()
+        spec = model.conv_spec()
+        params = random_params(model, i)
+        images = jax.random.normal(jax.random.key(100 + i), (N, *spec.image_shape))
+        classes = jnp.asarray(np.arange(C) % model.num_classes, jnp.int32)[::-1]
+        out[name] = (model, params, images, classes)
+    return out
+
+
+def reference_L(model, params, masks, images, classes) -> np.ndarray:
+    evaluate_fn = E.make_evaluator(model, "reference", chunk_individuals=6, chunk_images=32)
+    return np.asarray(evaluate_fn(params, masks, images, classes))
+
+
+def assert_close(L, ref):
+    scale = max(1.0, float(np.abs(ref).max()))
+    np.testing.assert_allclose(np.asarray(L), ref, rtol=0, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_the_reference_backend(cases, name):
+    model, params, images, classes = cases[name]
+    spec = model.conv_spec()
+    masks = random_masks(model, 0.5, 7)
+    # row 0: all kernels kept; row 1, individual 0: one kernel per layer; the rest random
+    one = random_masks(model, 0.0, 8, (1,))
+    masks = {n: masks[n].at[0].set(True).at[1, 0].set(one[n][0]) for n in spec.names}
+    ref = reference_L(model, params, masks, images, classes)
+    assert np.abs(ref).max() > 0.1  # a non-trivial table
+    fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)
+    L = fast(params, masks, images, classes)
+    assert L.shape == (C, P, N) and L.dtype == jnp.float32
+    assert_close(L, ref)
+    if name == "residual":  # inside an outer jit: the traced fallback (full-size buckets)
+        assert_close(jax.jit(fast)(params, masks, images, classes), ref)
+
+
+def test_chunking_and_buckets_do_not_change_values(cases):
+    model, params, images, classes = cases["weak"]
+    masks = random_masks(model, 0.4, 3)
+    ref = reference_L(model, params, masks, images, classes)
+    for chunk_individuals, chunk_images, num_buckets in ((1, 21, 1), (12, 5, 64)):
+        fast = FE.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
+                                      chunk_images=chunk_images, num_buckets=num_buckets)
+        assert_close(fast(params, masks, images, classes), ref)
+
+
+def test_untied_and_empty_layers_follow_the_reference(cases):
+    """Masks the search never makes still give the reference's numbers: tied layers whose
+    masks differ (slots = their union) and a layer that keeps no kernel (all zeros)."""
+    model, params, images, classes = cases["residual"]
+    masks = random_masks(model, 0.5, 4)
+    masks["conv_3"] = jnp.asarray(np.random.default_rng(5).random((C, P, 24)) < 0.5)
+    masks["conv_6"] = masks["conv_6"].at[1].set(~masks["conv_5"][1])
+    masks["conv_2"] = masks["conv_2"].at[2, 1].set(False)
+    ref = reference_L(model, params, masks, images, classes)
+    L = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)(
+        params, masks, images, classes)
+    assert_close(L, ref)
+
+
+def test_bucket_size_boundaries():
+    assert FE.bucket_step(512, 32) == 16
+    assert FE.bucket_step(64, 32) == 8  # ceil(64 / 32) = 2, aligned to 8
+    assert FE.bucket_step(6, 32) == 6  # never more than K: one size, the full layer
+    sizes = FE.bucket_size(np.array([0, 1, 15, 16, 17, 32, 33, 500, 511, 512]), 512, 32)
+    assert sizes.tolist() == [16, 16, 16, 16, 32, 32, 48, 512, 512, 512]
+    assert FE.bucket_size(np.array([1, 8, 9, 10]), 10, 2).tolist() == [8, 8, 10, 10]
+    assert FE.bucket_size(np.array([1, 5, 6]), 6, 32).tolist() == [6, 6, 6]
+    for k in (3, 16, 64, 100, 512):
+        for nb in (1, 4, 32, 1000):
+            counts = np.arange(k + 1)
+            sizes = FE.bucket_size(counts, k, nb)
+            assert np.all(sizes >= np.maximum(counts, 1)) and np.all(sizes <= k)
+            assert len(np.unique(sizes)) <= nb
+
+
+def test_plan_slots_columns_and_ties():
+    model = tiny_residual()
+    spec = model.conv_spec()
+    rng = np.random.default_rng(0)
+    masks = {l.name: rng.random((6, l.num_kernels)) < 0.4 for l in spec.layers}
+    masks["conv_1"][0] = False
+    masks["conv_1"][0, [3, 20]] = True
+    masks["conv_3"][0] = False
+    masks["conv_3"][0, [3, 5]] = True
+    plans = FE.plan_modules(spec, masks, num_buckets=32)
+    p1, p3 = plans["conv_1"], plans["conv_3"]
+    np.testing.assert_array_equal(p1.slots, p3.slots)  # a tie group shares its slots (the union)
+    np.testing.assert_array_equal(p1.sizes, p3.sizes)
+    assert p1.slots[0, :4].tolist() == [3, 5, 20, 24] and p1.counts[0] == 3
+    assert p1.cols[0, :3].tolist() == [3, 24, 20]  # conv_1 does not keep kernel 5 itself
+    assert p3.cols[0, :3].tolist() == [3, 5, 24]
+    assert np.all(p1.slots[0, 3:] == 24) and p1.sizes[0] == 8
+    group = {n: g for g in spec.ties for n in g}
+    for name, plan in plans.items():
+        k = spec.layer(name).num_kernels
+        for m in range(6):
+            kept = np.flatnonzero(np.any([masks[n][m] for n in group.get(name, (name,))], axis=0))
+            assert plan.slots[m, :len(kept)].tolist() == kept.tolist()
+            assert np.all(plan.slots[m, len(kept):] == k)
+            assert plan.sizes[m] >= max(len(kept), 1)
+
+
+def test_one_trace_per_bucket_shape(cases):
+    model, params, images, classes = cases["weak"]  # conv widths 8, 16, 32: steps 8, 8, 8
+    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32)
+    spec = model.conv_spec()
+
+    def counts(a, b, c):
+        return {"conv_0": np.full((C, P), a), "conv_1": np.full((C, P), b),
+                "conv_2": np.full((C, P), c)}
+
+    L = fast(params, masks_from_counts(model, counts(5, 9, 17), 0), images, classes)
+    first = dict(fast.trace_counts)
+    # one trace per shape: the shared first conv, the first block (B 8), the head, and the
+    # conv blocks of conv_1 (B 8 -> 16) and conv_2 (16 -> 24) (one jitted function, two shapes)
+    assert first == {"first_preactivation": 1, "first_block/pool=True": 1, "head": 1,
+                     "conv_block/conv/pool=True/residual=False": 2}
+    # other kernels, other counts, same buckets: nothing new to compile
+    L2 = fast(params, masks_from_counts(model, counts(8, 15, 24), 1), images, classes)
+    assert dict(fast.trace_counts) == first
+    assert not np.allclose(np.asarray(L), np.asarray(L2))
+    # conv_2 in a new bucket (25 -> 32): its block and the head retrace, nothing else
+    fast(params, masks_from_counts(model, counts(8, 15, 25), 2), images, classes)
+    new = {k: v - first.get(k, 0) for k, v in fast.trace_counts.items() if v != first.get(k, 0)}
+    assert new == {"conv_block/conv/pool=True/residual=False": 1, "head": 1}
+    # mixed buckets within one call: one trace per new shape only
+    mixed = counts(8, 15, 25)
+    mixed["conv_0"][0, 0] = 1  # bucket 8 as before
+    mixed["conv_1"][1, 2] = 16  # bucket 16 (seen)
+    before = fast.num_traces
+    L3 = fast(params, masks_from_counts(model, mixed, 3), images, classes)
+    assert fast.num_traces == before
+    assert_close(L3, reference_L(model, params, masks_from_counts(model, mixed, 3), images,
+                                 classes))
+    assert fast.trace_counts["traced_evaluate"] == 0 and spec.names == ("conv_0", "conv_1", "conv_2")
+
+
+def test_bad_inputs_raise(cases):
+    model, params, images, classes = cases["residual"]
+    masks = random_masks(model, 0.5, 0)
+    fast = E.make_evaluator(model, "fast", chunk_individuals=4, chunk_images=5)
+    with pytest.raises(E.EvaluatorInputError, match=r"\(C, P, 12\)"):
+        fast(params, {k: v[0] for k, v in masks.items()}, images, classes)
+    with pytest.raises(E.EvaluatorInputError, match=r"classes.*\(2,\).*\(3,\)"):
+        fast(params, masks, images, classes[:2])
+    with pytest.raises(E.EvaluatorInputError, match=r"images.*\(N, 8, 8, 2\)"):
+        fast(params, masks, images[..., :1], classes)
+    with pytest.raises(E.EvaluatorInputError, match=r"\[0, 1, 7\].*\[0, 5\)"):
+        fast(params, masks, images, jnp.array([0, 1, 7], jnp.int32))
+    for bad in ({"chunk_images": 0}, {"chunk_individuals": 1.5}, {"num_buckets": 0}):
+        with pytest.raises(E.EvaluatorInputError, match=next(iter(bad))):
+            FE.make_fast_evaluator(model, **bad)
+
+
+def test_backend_selection_and_config(cases):
+    model = cases["residual"][0]
+    fast = E.make_evaluator(model, "fast", chunk_individuals=3, chunk_images=7)
+    assert isinstance(fast, FE.FastEvaluator) and fast.host_side
+    assert (fast.chunk_individuals, fast.chunk_images) == (3, 7)
+    assert E.default_backend("cpu") == "fast" and E.default_backend("gpu") == "reference"
+    if jax.default_backend() == "cpu":
+        assert isinstance(E.make_evaluator(model, "auto"), FE.FastEvaluator)
+    cfg = SearchConfig(backend="fast", chunk_individuals=2, chunk_images=9, shard=False)
+    from_cfg = E.make_evaluator_from_config(model, cfg)
+    assert isinstance(from_cfg, FE.FastEvaluator) and from_cfg.chunk_images == 9
+    assert FE.conv_method((2, 2)) == "dense" and FE.conv_method((1, 1)) == "dense"
+    assert FE.conv_method((4, 4)) == "conv" and FE.conv_method((3, 3)) == "conv"
+
+
+def test_search_step_with_the_fast_backend(cases, tmp_path):
+    """The driver runs the fast evaluator outside its jit; the generation loop resumes from a
+    checkpoint bit-identically."""
+    model, params, _, _ = cases["weak"]
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(24, 28, 28, 1)).astype(np.float32))
+    labels = jnp.asarray(np.arange(24) % model.num_classes, jnp.int32)
+    classes = jnp.arange(model.num_classes, dtype=jnp.int32)
+    importance = imp_lib.kernel_importance(model, params, images, labels).importance
+    cfg = SearchConfig(population_size=4, num_generations=3, backend="fast", chunk_images=16,
+                       min_kept_ensembles=3, max_kept_ensembles=10, seed=1, shard=False)
+    problem, settings = D.build_problem(model, "weak_cnn", importance, cfg)
+    assert isinstance(problem.evaluate_fn, FE.FastEvaluator)
+    base = jax.random.key(cfg.seed)
+    k_init, k_pop = jax.random.split(base)
+    bits = D.initial_population(k_pop, problem, cfg.population_size, settings)
+    step = D.make_step(problem)
+    assert isinstance(step, D.HostEvaluatedStep)
+    compiled = D.compile_step(step, D.init_carry(k_init, problem, bits), D.generation_key(base, 0),
+                              params, images, labels, classes)
+    carry, metrics = D.init_carry(k_init, problem, bits), []
+    for g in range(3):
+        carry, m = compiled(D._strong(carry), D.generation_key(base, g), params, images, labels,
+                            classes)
+        metrics.append(D._to_host(m))
+        if g == 0:
+            path = D.save_search_checkpoint(tmp_path, 1, carry, base, {"fingerprint": {}})
+    template = jax.eval_shape(lambda: D.init_carry(k_init, problem, bits))
+    resumed, _ = D.load_search_checkpoint(path, template, base, {})
+    for g in range(1, 3):
+        resumed, m = step(D._strong(resumed), D.generation_key(base, g), params, images, labels,
+                          classes)
+        assert D._to_host(m) == metrics[g]
+    for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
