@@ -30,6 +30,7 @@ import numpy as np
 from jaxsplit import masks as masks_lib
 from jaxsplit.models.convnet import build_model, conv_macs, head_macs, init_params
 from jaxsplit.search.evaluate import make_evaluator
+from jaxsplit.search.fast_evaluate import make_fast_evaluator
 
 
 def torch_loop(model, params, masks: dict, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -94,10 +95,12 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=24, help="individuals P per row")
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--backends", default="fast,torch", help="comma list of fast, torch, reference")
+    ap.add_argument("--backends", default="fast,torch",
+                    help="comma list of fast, fast:N (N worker threads), torch, reference")
     ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--chunk-individuals", type=int, default=16)
-    ap.add_argument("--num-buckets", type=int, default=None)
+    ap.add_argument("--num-buckets", type=int, default=None, help="fast backend option")
+    ap.add_argument("--num-workers", type=int, default=None, help="fast backend option")
     args = ap.parse_args()
 
     model = build_model(args.model, num_classes=10, in_channels=3, width=args.width)
@@ -121,6 +124,9 @@ def main() -> None:
     kwargs = dict(chunk_individuals=args.chunk_individuals, chunk_images=args.chunk_images)
     results = {}
     for backend in args.backends.split(","):
+        workers = args.num_workers
+        if backend.startswith("fast:"):  # "fast:N": the fast backend with N worker threads
+            workers = int(backend.split(":")[1])
         if backend == "torch":
             import torch
 
@@ -128,15 +134,18 @@ def main() -> None:
                 return torch_loop(model, params, m, images, classes)
             label = f"torch loop ({torch.get_num_threads()} threads)"
         else:
-            extra = {} if args.num_buckets is None or backend != "fast" else {"num_buckets": args.num_buckets}
-            evaluate_fn = make_evaluator(model, backend, **kwargs) if not extra else \
-                __import__("jaxsplit.search.fast_evaluate", fromlist=["x"]).make_fast_evaluator(
-                    model, **kwargs, **extra)
+            if backend.startswith("fast"):
+                extra = {k: v for k, v in (("num_buckets", args.num_buckets),
+                                           ("num_workers", workers)) if v is not None}
+                evaluate_fn = make_fast_evaluator(model, **kwargs, **extra)
+            else:
+                evaluate_fn = make_evaluator(model, backend, **kwargs)
             dev_images, dev_classes = jnp.asarray(images), jnp.asarray(classes)
 
             def run(m, evaluate_fn=evaluate_fn):
                 return np.asarray(evaluate_fn(params, m, dev_images, dev_classes))
-            label = f"jaxsplit {backend}"
+            label = f"jaxsplit {backend}" + (f" ({evaluate_fn.num_workers} workers)"
+                                              if backend.startswith("fast") else "")
         t0 = time.perf_counter()
         first = run(mask_sets[0])
         for m in mask_sets[1:]:  # warm-up pass: compiles every bucket shape these masks need
@@ -158,10 +167,10 @@ def main() -> None:
             if a < b:
                 diff = np.abs(results[a][1] - results[b][1]).max()
                 print(f"  max |L_{a} - L_{b}| on the warm-up masks = {diff:.2e}")
-    if "fast" in results:
+    for fast in [n for n in names if n.startswith("fast")]:
         for other in names:
-            if other != "fast":
-                print(f"  fast / {other} = {results['fast'][0] / results[other][0]:.2f}x")
+            if not other.startswith("fast"):
+                print(f"  {fast} / {other} = {results[fast][0] / results[other][0]:.2f}x")
 
 
 if __name__ == "__main__":

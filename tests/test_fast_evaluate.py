@@ -127,10 +127,28 @@ def test_chunking_and_buckets_do_not_change_values(cases):
     model, params, images, classes = cases["weak"]
     masks = random_masks(model, 0.4, 3)
     ref = reference_L(model, params, masks, images, classes)
-    for chunk_individuals, chunk_images, num_buckets in ((1, 21, 1), (12, 5, 64)):
+    tables = []
+    for chunk_individuals, chunk_images, num_buckets, num_workers in ((1, 21, 1, 1),
+                                                                     (12, 5, 64, 3),
+                                                                     (5, 8, 32, 1), (5, 8, 32, 2)):
         fast = FE.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
-                                      chunk_images=chunk_images, num_buckets=num_buckets)
-        assert_close(fast(params, masks, images, classes), ref)
+                                      chunk_images=chunk_images, num_buckets=num_buckets,
+                                      num_workers=num_workers)
+        tables.append(np.asarray(fast(params, masks, images, classes)))
+        assert_close(tables[-1], ref)
+    np.testing.assert_array_equal(tables[2], tables[3])  # threads do not change a bit
+
+
+def test_new_params_are_used(cases):
+    """The padded params are cached per params object; other params give their own table."""
+    model, params, images, classes = cases["residual"]
+    masks = random_masks(model, 0.6, 9)
+    fast = FE.make_fast_evaluator(model)
+    assert_close(fast(params, masks, images, classes), reference_L(model, params, masks, images,
+                                                                  classes))
+    other = random_params(model, 99)
+    assert_close(fast(other, masks, images, classes), reference_L(model, other, masks, images,
+                                                                 classes))
 
 
 def test_untied_and_empty_layers_follow_the_reference(cases):
@@ -192,7 +210,9 @@ def test_plan_slots_columns_and_ties():
 
 def test_one_trace_per_bucket_shape(cases):
     model, params, images, classes = cases["weak"]  # conv widths 8, 16, 32: steps 8, 8, 8
-    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32)
+    # one worker: two threads meeting a new shape at once may both trace it (harmless, but the
+    # counts would vary)
+    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1)
     spec = model.conv_spec()
 
     def counts(a, b, c):
@@ -237,7 +257,8 @@ def test_bad_inputs_raise(cases):
         fast(params, masks, images[..., :1], classes)
     with pytest.raises(E.EvaluatorInputError, match=r"\[0, 1, 7\].*\[0, 5\)"):
         fast(params, masks, images, jnp.array([0, 1, 7], jnp.int32))
-    for bad in ({"chunk_images": 0}, {"chunk_individuals": 1.5}, {"num_buckets": 0}):
+    for bad in ({"chunk_images": 0}, {"chunk_individuals": 1.5}, {"num_buckets": 0},
+                {"num_workers": 0}):
         with pytest.raises(E.EvaluatorInputError, match=next(iter(bad))):
             FE.make_fast_evaluator(model, **bad)
 
@@ -247,6 +268,7 @@ def test_backend_selection_and_config(cases):
     fast = E.make_evaluator(model, "fast", chunk_individuals=3, chunk_images=7)
     assert isinstance(fast, FE.FastEvaluator) and fast.host_side
     assert (fast.chunk_individuals, fast.chunk_images) == (3, 7)
+    assert 1 <= fast.num_workers == FE.default_num_workers() <= FE.MAX_WORKERS
     assert E.default_backend("cpu") == "fast" and E.default_backend("gpu") == "reference"
     if jax.default_backend() == "cpu":
         assert isinstance(E.make_evaluator(model, "auto"), FE.FastEvaluator)

@@ -40,6 +40,9 @@ class SearchConfig:
     sensitive_layers: tuple[int, ...] | None = None  # None: the reference's layers for the model
     init_ratios_sensitive: tuple[float, ...] | None = None  # None: per-family reference list
     init_ratios_other: tuple[float, ...] | None = None
+    # softmax((n - 1 - group) / init_temperature) picks the initial groups (reference 10; with
+    # 10-group layers that is a weak preference for the important groups, see encoding.py)
+    init_temperature: float = 10.0
     importance_confidence: float = 0.9
     sensitivity: bool = False  # compute layer-sensitivity curves (and pick sensitive layers when unset)
     empty_layer: Literal["repair", "kernel0"] = "repair"  # empty layer: force its top group on / keep kernel 0 (reference)
@@ -75,6 +78,7 @@ class SearchConfig:
         _check(self.chunk_individuals >= 1, "search.chunk_individuals", f"must be >= 1, got {self.chunk_individuals}")
         _check(self.chunk_images >= 1, "search.chunk_images", f"must be >= 1, got {self.chunk_images}")
         _check(isinstance(self.shard, bool), "search.shard", f"must be true or false, got {self.shard!r}")
+        _check(self.init_temperature > 0, "search.init_temperature", f"must be > 0, got {self.init_temperature}")
         _check(self.checkpoint_every >= 1, "search.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(0.0 <= self.importance_confidence < 1.0, "search.importance_confidence",
                f"must be in [0, 1), got {self.importance_confidence}")

@@ -350,7 +350,8 @@ def initial_population(key: jax.Array, problem: SearchProblem, population_size: 
                        settings: Mapping[str, Any]) -> jax.Array:
     """Heuristic initial genomes `(C, P, G)` bool (SPEC §4)."""
     return enc_lib.init_population(key, problem.enc, population_size, settings["sensitive"],
-                                   settings["ratios_sensitive"], settings["ratios_other"])
+                                   settings["ratios_sensitive"], settings["ratios_other"],
+                                   settings.get("temperature", 10.0))
 
 
 # -- fingerprint, checkpoints -------------------------------------------------
@@ -816,7 +817,8 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         "mean_macs_fraction": mean_of("macs_fraction"), "stats_source": stats_source,
         "per_class": per_class, "sensitive_layers": list(settings["sensitive"]),
         "init_ratios": {"sensitive": list(settings["ratios_sensitive"]),
-                        "other": list(settings["ratios_other"])},
+                        "other": list(settings["ratios_other"]),
+                        "temperature": settings.get("temperature", 10.0)},
         "importance_fallback_classes": list(result.fallback_classes),
         "compile_time_s": compile_time, "importance_time_s": importance_time,
         "mean_generation_time_s": float(np.mean(times[1:] if len(times) > 1 else times)) if times else None,

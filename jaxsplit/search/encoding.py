@@ -307,7 +307,7 @@ def sensitive_free_layers(enc: Encoding, sensitive: Sequence[int | str]) -> tupl
 
 def init_population(key: jax.Array, enc: Encoding, population_size: int,
                     sensitive_layers: Sequence[int | str], ratios_sensitive: Sequence[float],
-                    ratios_other: Sequence[float]) -> jax.Array:
+                    ratios_other: Sequence[float], temperature: float = 10.0) -> jax.Array:
     """Heuristic initial genomes of every class (SPEC §4).
 
     For each class, individual and layer: draw an active ratio r uniformly
@@ -320,6 +320,13 @@ def init_population(key: jax.Array, enc: Encoding, population_size: int,
     trick (top-k of `log p + Gumbel`), the same construction as
     `jax.random.choice(replace=False, p=...)` but with a per-row k.
 
+    `temperature` replaces the reference's 10 in that softmax (option
+    `search.init_temperature`). With 100-group layers, 10 makes the most
+    important groups ~e^9.9 times likelier than the least; with 10-group
+    layers (all layers of a narrow model) only e^0.9 = 2.5 times, i.e. a
+    nearly random pick. A temperature of 1 gives 10-group layers the
+    preference 100-group layers have at 10.
+
     Returns:
       `(C, P, G)` bool.
     """
@@ -328,15 +335,18 @@ def init_population(key: jax.Array, enc: Encoding, population_size: int,
     for what, ratios in (("ratios_sensitive", ratios_sensitive), ("ratios_other", ratios_other)):
         if len(ratios) == 0 or any(not 0.0 < float(r) <= 1.0 for r in ratios):
             raise EncodingError(f"{what} must be a non-empty list of values in (0, 1], got {ratios}")
+    if not float(temperature) > 0:
+        raise EncodingError(f"temperature must be > 0, got {temperature}")
     sens = sensitive_free_layers(enc, sensitive_layers)
     return _init_population(key, enc, int(population_size), sens,
                             tuple(float(r) for r in ratios_sensitive),
-                            tuple(float(r) for r in ratios_other))
+                            tuple(float(r) for r in ratios_other), float(temperature))
 
 
-@partial(jax.jit, static_argnums=(2, 3, 4, 5))
+@partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _init_population(key: jax.Array, enc: Encoding, population_size: int, sens: tuple[str, ...],
-                     ratios_sensitive: tuple[float, ...], ratios_other: tuple[float, ...]) -> jax.Array:
+                     ratios_sensitive: tuple[float, ...], ratios_other: tuple[float, ...],
+                     temperature: float = 10.0) -> jax.Array:
     shape = (enc.num_classes, population_size)
     k_ratio, k_gumbel = jax.random.split(key)
     # One draw for all layers (fewer PRNG kernels to compile): a ratio index per layer and a
@@ -351,7 +361,7 @@ def _init_population(key: jax.Array, enc: Encoding, population_size: int, sens: 
         # floor(r * n) with a small epsilon so that float32 0.7 * 10 = 6.9999995 gives 7 like
         # Python's int(10 * 0.7) on the reference's float64 lists.
         count = jnp.maximum(1, jnp.floor(r * n + 1e-4)).astype(jnp.int32)  # (C, P)
-        logp = jax.nn.log_softmax((n - 1 - jnp.arange(n)) / 10.0)
+        logp = jax.nn.log_softmax((n - 1 - jnp.arange(n)) / temperature)
         scores = logp + gumbel[..., enc.offsets[i]:enc.offsets[i] + n]
         position = jnp.argsort(jnp.argsort(-scores, axis=-1), axis=-1)  # rank of each group
         parts.append(position < count[..., None])
@@ -366,7 +376,7 @@ def reference_init_settings(model_name: str, search_cfg=None) -> dict:
     """
     ref = REFERENCE_INIT.get(model_name, {**REFERENCE_INIT["simcnn"], "sensitive": ()})
     out = {"sensitive": tuple(ref["sensitive"]), "ratios_sensitive": tuple(ref["ratios_sensitive"]),
-           "ratios_other": tuple(ref["ratios_other"])}
+           "ratios_other": tuple(ref["ratios_other"]), "temperature": 10.0}
     if search_cfg is not None:
         if search_cfg.sensitive_layers is not None:
             out["sensitive"] = tuple(search_cfg.sensitive_layers)
@@ -374,6 +384,7 @@ def reference_init_settings(model_name: str, search_cfg=None) -> dict:
             out["ratios_sensitive"] = tuple(search_cfg.init_ratios_sensitive)
         if search_cfg.init_ratios_other is not None:
             out["ratios_other"] = tuple(search_cfg.init_ratios_other)
+        out["temperature"] = float(getattr(search_cfg, "init_temperature", 10.0))
     return out
 
 

@@ -79,7 +79,10 @@ kept, N = 1000 = chunk_images, chunk_individuals=16: params 59 MB, modules
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -96,6 +99,7 @@ DENSE = "dense"  # the whole (small) map as one matmul
 DENSE_MAX_HW = 2  # maps of at most DENSE_MAX_HW x DENSE_MAX_HW use DENSE
 DEFAULT_NUM_BUCKETS = 32
 ALIGN = 8
+MAX_WORKERS = 4
 
 
 def conv_method(hw: tuple[int, int]) -> str:
@@ -355,6 +359,23 @@ def head_forward(features: jax.Array, head: list) -> jax.Array:
 # -- the evaluator ----------------------------------------------------------------------
 
 
+def default_num_workers() -> int:
+    """Worker threads of the host path: the CPU cores this process may use, at most
+    `MAX_WORKERS`.
+
+    XLA's CPU convolution runs on one core for maps with few channels (measured:
+    a 32x32, 32->32 conv used 1.0 of 2 idle cores, an 8x8, 128->128 one 1.95),
+    and executions dispatched from one Python thread run one after another; two
+    threads running two modules used 1.7 cores on such layers (1.7x) and lost
+    nothing on the others.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
 def _image_chunks(num_images: int, chunk_images: int) -> tuple[int, int]:
     """`(num_chunks, chunk_size)`: equal chunks of at most `chunk_images` covering N."""
     num = -(-num_images // chunk_images)
@@ -369,6 +390,7 @@ class FastEvaluator:
       chunk_individuals: modules extracted (weights held) at once.
       chunk_images: images run through a module at once (bounds memory).
       num_buckets: bucket sizes per layer (see `bucket_size`).
+      num_workers: threads running modules concurrently (see `default_num_workers`).
       methods: `{conv_name: "conv" | "dense"}` (see `conv_method`).
       trace_counts: `Counter` of traces per jitted piece (one per new shape;
         for tests and for watching compilations).
@@ -379,9 +401,12 @@ class FastEvaluator:
     host_side = True
 
     def __init__(self, model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
-                 num_buckets: int = DEFAULT_NUM_BUCKETS):
+                 num_buckets: int = DEFAULT_NUM_BUCKETS, num_workers: int | None = None):
+        if num_workers is None:
+            num_workers = default_num_workers()
         for name, value in (("chunk_individuals", chunk_individuals),
-                            ("chunk_images", chunk_images), ("num_buckets", num_buckets)):
+                            ("chunk_images", chunk_images), ("num_buckets", num_buckets),
+                            ("num_workers", num_workers)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise EvaluatorInputError(f"{name} must be an int >= 1, got {value!r}")
         self.model = model
@@ -389,13 +414,17 @@ class FastEvaluator:
         self.chunk_individuals = int(chunk_individuals)
         self.chunk_images = int(chunk_images)
         self.num_buckets = int(num_buckets)
+        self.num_workers = int(num_workers)
         self.trace_counts: collections.Counter = collections.Counter()
+        lock = threading.Lock()
         self.methods = {l.name: conv_method(l.input_hw) for l in self.spec.layers}
         self._index = {name: i for i, name in enumerate(self.spec.names)}
+        self._prepared_cache: tuple[list, dict] | None = None
 
         def counted(name, fn, **static):
             def traced(*args):
-                self.trace_counts[name] += 1
+                with lock:
+                    self.trace_counts[name] += 1
                 return fn(*args, **static)
             return jax.jit(traced)
 
@@ -439,7 +468,7 @@ class FastEvaluator:
         """`(M, N)` logits: modules extracted on the host, run by the jitted blocks."""
         first = self.spec.layers[0]
         plans = plan_modules(self.spec, flat_masks, self.num_buckets)
-        prepared = prepare_params(self.model, jax.device_get(params))
+        prepared = self._prepared(params)
         total = row_class.shape[0]
         num_images = int(images.shape[0])
         num_chunks, chunk = _image_chunks(num_images, self.chunk_images)
@@ -457,24 +486,40 @@ class FastEvaluator:
             return [jax.device_put(self._extract(prepared, plans, m, int(row_class[m])))
                     for m in members]
 
-        def collect(pending):
-            for m, c, logit in pending:
-                out[m, c * chunk:(c + 1) * chunk] = np.asarray(logit)
+        def run(pre, module):  # one module on one chunk, on a worker thread
+            return np.asarray(self._forward(pre, module))
 
         modules = extract(groups[0])
-        for g, members in enumerate(groups):
-            previous = []
-            for c in range(num_chunks):
-                pre = self._first(jax.lax.slice_in_dim(images, c * chunk, (c + 1) * chunk),
-                                  *first_weights)
-                pending = [(m, c, self._forward(pre, module)) for m, module in zip(members, modules)]
-                if c == 0:  # the device runs this chunk (asynchronous dispatch) while the host
-                    next_modules = extract(groups[g + 1]) if g + 1 < len(groups) else None
-                collect(previous)  # at most two chunks' first-layer maps alive
-                previous = pending
-            collect(previous)
-            modules = next_modules
+        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+            for g, members in enumerate(groups):
+                previous = []
+                for c in range(num_chunks):
+                    pre = self._first(jax.lax.slice_in_dim(images, c * chunk, (c + 1) * chunk),
+                                      *first_weights)
+                    pending = [(m, c, pool.submit(run, pre, module))
+                               for m, module in zip(members, modules)]
+                    if c == 0:  # slice the next group while the workers run this one
+                        next_modules = extract(groups[g + 1]) if g + 1 < len(groups) else None
+                    for m_prev, c_prev, future in previous:  # at most two chunks in flight
+                        out[m_prev, c_prev * chunk:(c_prev + 1) * chunk] = future.result()
+                    previous = pending
+                for m_prev, c_prev, future in previous:
+                    out[m_prev, c_prev * chunk:(c_prev + 1) * chunk] = future.result()
+                modules = next_modules
         return out[:, :num_images]
+
+    def _prepared(self, params) -> dict[str, Any]:
+        """`prepare_params` on the host, reused while the same (immutable) param arrays come
+        back (the search passes the same params every generation)."""
+        leaves = jax.tree_util.tree_leaves(params)
+        cached = self._prepared_cache
+        if cached is not None and len(cached[0]) == len(leaves) and all(
+                a is b for a, b in zip(cached[0], leaves)) and all(
+                isinstance(x, jax.Array) for x in leaves):
+            return cached[1]
+        prepared = prepare_params(self.model, jax.device_get(params))
+        self._prepared_cache = (leaves, prepared)
+        return prepared
 
     def _extract(self, prepared, plans, m: int, cls: int) -> dict[str, Any]:
         """Module m's weights, sliced on the host (numpy): the physically extracted module."""
@@ -565,7 +610,8 @@ def _conv_block_positional(x, kernel, bias, residual=None, *, method: str, pool:
 
 
 def make_fast_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
-                        num_buckets: int = DEFAULT_NUM_BUCKETS) -> FastEvaluator:
+                        num_buckets: int = DEFAULT_NUM_BUCKETS,
+                        num_workers: int | None = None) -> FastEvaluator:
     """The "fast" `Evaluator` for `model` (what `make_evaluator(model, "fast")` returns).
 
     Args:
@@ -575,6 +621,8 @@ def make_fast_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_im
       chunk_images: images run through a module at once.
       num_buckets: distinct slot counts per layer (more: less padding, more
         compiled shapes).
+      num_workers: threads running modules concurrently (None:
+        `default_num_workers()`).
     """
     return FastEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
-                         num_buckets=num_buckets)
+                         num_buckets=num_buckets, num_workers=num_workers)
