@@ -85,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": time.perf_counter() - t0,
         "patch_config": results["patch_config"],
     }
+    summary_path = run_dir / "modularize" / "summary.json"
+    if summary_path.is_file():  # the strong model's modules (what the patches are made of)
+        s = json.loads(summary_path.read_text())
+        doc["modularization"] = {k: s.get(k) for k in (
+            "population_size", "num_generations", "generations_run", "num_valid_images",
+            "model_test_accuracy", "ensemble_test_accuracy", "test_accuracy_loss", "ensemble_diff",
+            "mean_kept_fraction", "mean_params_fraction", "mean_macs_fraction", "mean_generation_time_s")}
     if "average_poor_fit" in results:
         doc["average_poor_fit"] = results["average_poor_fit"]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,17 @@
 """Configs embedded in the package (so `jaxsplit demo` needs no file).
 
 `DEMO` equals `configs/fashion_mnist_cpu.yaml` (a test checks that they never drift): a small
-SimCNN on Fashion-MNIST sized for a 2-core CPU.
+SimCNN on Fashion-MNIST sized for a 2-core CPU, with the demo's budget for every stage:
+
+* train: 4 epochs of Adam on the 48k training images (~2 min, >= 90% test accuracy;
+  benchmarks/results/train.json);
+* search: 16 individuals per class, 10 generations, 1,000 valid images, the CPU initial
+  population (importance-led: `init_temperature` 1, conv_0/conv_1 kept whole; see
+  configs/fashion_mnist_cpu_modularize.yaml for why, and for the larger issue-5 budget);
+* patch: the "self" task on the demo's one 10-class strong model: its modules of classes 0-4
+  patch weak CNNs trained for 3 epochs on classes 5-9 + that class (500 images of it).
+
+The whole demo must stay within 15 min on 2 CPU cores (benchmarks/results/demo.json).
 """
 
 from __future__ import annotations
@@ -31,7 +41,31 @@ FASHION_MNIST_CPU: dict = {
         "seed": 0,
         "augment": False,
     },
-    "search": {"population_size": 30, "num_generations": 30, "num_valid": 2000, "seed": 0},
+    "search": {
+        "population_size": 16,
+        "num_generations": 10,
+        "num_valid": 1000,
+        "sensitive_layers": [0, 1],
+        "init_ratios_sensitive": [1.0],
+        "init_ratios_other": [0.5, 0.6, 0.7, 0.8],
+        "init_temperature": 1.0,
+        "backend": "auto",
+        "seed": 0,
+    },
+    "patch": {
+        "task": "self",
+        "strong_classes": [0, 1, 2, 3, 4],
+        "weak_classes": [5, 6, 7, 8, 9],
+        "target_classes": None,
+        "tc_train_images": 500,
+        "weak_model": "weak_cnn",
+        "weak_width": 0.5,
+        "weak_optimizer": "adam",
+        "weak_learning_rate": 0.001,
+        "weak_epochs": 3,
+        "calibrations": ["min_max", "percentile", "iqr", "z_norm", "platt"],
+        "seed": 0,
+    },
 }
 
 DEMO = FASHION_MNIST_CPU

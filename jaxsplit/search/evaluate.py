@@ -217,15 +217,15 @@ def default_backend(platform: str) -> Literal["reference", "fast"]:
     """The backend "auto" picks on a JAX platform ("cpu", "gpu", "tpu", ...).
 
     Rule: "fast" when the fast backend module exists and the platform is CPU;
-    "reference" otherwise. Measured on 2 CPU cores (AVX-512, jax 0.10,
-    `benchmarks/fast_evaluator_probe.py`, N=256): the fast backend gave
-    ~10x the reference's solution·images/s at SimCNN width 0.25 (5,650 vs
-    594 at 50% kept) and far more at width 1.0 (~900 vs ~30), because it
-    spends FLOPs on kept kernels only and avoids the vmapped (grouped)
-    convolutions that XLA's CPU backend runs slowly. On GPU/TPU it is not
-    measured here: the fast backend runs one module at a time (small
-    kernels, host-side planning), where the vmapped reference is expected
-    to use an accelerator better.
+    "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
+    0.10, `benchmarks/fast_evaluator_probe.py`, 50% of kernels kept, same
+    process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
+    reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
+    53 (27x). The fast backend spends FLOPs on kept kernels only and avoids
+    the vmapped (grouped) convolutions that XLA's CPU backend runs slowly.
+    On GPU/TPU it is not measured here: it runs a few modules at a time
+    (small kernels, host-side planning), where the vmapped reference is
+    expected to use an accelerator better.
     """
     if platform == "cpu" and fast_backend_available():
         return "fast"

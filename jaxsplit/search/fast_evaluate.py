@@ -49,10 +49,14 @@ it), with the shapes kept static for XLA:
   B_in, B_out) once (~40-70 ms each at full width); the buckets keep that
   set small.
 
-Individuals run one after another (JAX's asynchronous dispatch overlaps
-Python with the device), each on `n <= chunk_images` images: a module's
-convolutions are then big enough for the matmul kernels (n·H·W rows)
-without a `vmap`, which would turn them back into grouped convolutions.
+Modules are not `vmap`ped (that would turn their convolutions back into
+grouped convolutions); each runs on `n <= chunk_images` images, so its
+convolutions are big enough for the matmul kernels (n·H·W rows). Executions
+dispatched from one Python thread run one after another, and XLA runs a
+convolution with few channels on large maps on a single core, so
+`num_workers` threads (default: the usable cores, at most 4) each run one
+module at a time. Results do not depend on the thread count (each module's
+numbers are computed by the same compiled code).
 
 Under an outer `jit` (masks are tracers, so no host plan is possible) the
 evaluator still works: every bucket is the full K_l (the slots are computed
@@ -67,13 +71,14 @@ Peak memory (host path, float32, bytes / 4):
                                           modules; module ≤ params)
     + 2 · n·H0·W0·K0                     (the shared first-layer maps of two
                                           image chunks)
-    + ≈ 3 · n · max_l H_l·W_l·B_l        (a block's input, output, residual)
+    + ≈ 3 · num_workers · n · max_l H_l·W_l·B_l   (per running module: a block's
+                                          input, output, residual)
     + images + C·P·N                     (inputs and the output L)
 with n ≤ chunk_images the image chunk size. Nothing grows with P or N
 except the inputs and the output. Example: full-width SimCNN at 32x32, 50%
 kept, N = 1000 = chunk_images, chunk_individuals=16: params 59 MB, modules
 2 · 16 · 15 MB, first maps 2 · 1000·32·32·64·4 B = 524 MB, block maps
-3 · 131 MB: ≈ 1.5 GB.
+(2 workers) 2 · 3 · 131 MB: ≈ 2 GB.
 """
 
 from __future__ import annotations
