@@ -87,7 +87,8 @@ def torch_loop(model, params, masks: dict, images: np.ndarray, classes: np.ndarr
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="simcnn")
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--kept", type=float, default=0.5)
@@ -111,14 +112,16 @@ def main() -> None:
     shape = (args.classes, args.population)
     sample = jax.jit(lambda k: masks_lib.random(k, spec, args.kept, shape))
     mask_sets = [sample(jax.random.key(10 + r)) for r in range(args.repeats + 1)]
-    kept = np.mean([float(masks_lib.kept_fraction({k: v for k, v in m.items()}).mean())
+    kept = np.mean([float(masks_lib.kept_fraction(m).mean())
                     for m in mask_sets])
-    counts = {n: float(np.mean([np.asarray(m[n]).sum(-1).mean() for m in mask_sets])) for n in spec.names}
+    counts = {n: float(np.mean([np.asarray(m[n]).sum(-1).mean() for m in mask_sets]))
+              for n in spec.names}
     useful = conv_macs(model, {n: round(c) for n, c in counts.items()}) + head_macs(
         model, round(counts[spec.names[-1]]), 1)
     full = conv_macs(model) + head_macs(model)
     print(f"{args.model} width {args.width} kept {kept:.3f} (MACs {useful / 1e6:.1f} M = "
-          f"{useful / full:.3f} of the model) C·P={args.classes * args.population} N={args.images} "
+          f"{useful / full:.3f} of the model) C·P={args.classes * args.population} "
+          f"N={args.images} "
           f"jax {jax.__version__} {jax.devices()[0].device_kind}")
 
     kwargs = dict(chunk_individuals=args.chunk_individuals, chunk_images=args.chunk_images)
@@ -158,9 +161,9 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         rate = args.classes * args.population * args.images / min(times)
         results[backend] = (rate, first)
-        print(f"  {label:<28} {rate:9.1f} solution·images/s  ({2 * useful * rate / 1e9:6.1f} useful "
-              f"GFLOP/s; warm-up pass {warm:.1f}s, repeats {', '.join(f'{t:.2f}' for t in times)}s)",
-              flush=True)
+        reps = ", ".join(f"{t:.2f}" for t in times)
+        print(f"  {label:<28} {rate:9.1f} solution·images/s  ({2 * useful * rate / 1e9:6.1f} "
+              f"useful GFLOP/s; warm-up pass {warm:.1f}s, repeats {reps}s)", flush=True)
     names = list(results)
     for a in names:
         for b in names:

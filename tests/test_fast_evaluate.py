@@ -1,4 +1,4 @@
-"""The "fast" evaluator backend (search.fast_evaluate): exact vs the reference, bucketing, traces."""
+"""The "fast" evaluator backend (search.fast_evaluate): exact vs the reference, buckets, traces."""
 
 from __future__ import annotations
 
@@ -242,7 +242,8 @@ def test_one_trace_per_bucket_shape(cases):
     assert fast.num_traces == before
     assert_close(L3, reference_L(model, params, masks_from_counts(model, mixed, 3), images,
                                  classes))
-    assert fast.trace_counts["traced_evaluate"] == 0 and spec.names == ("conv_0", "conv_1", "conv_2")
+    assert fast.trace_counts["traced_evaluate"] == 0
+    assert spec.names == ("conv_0", "conv_1", "conv_2")
 
 
 def test_bad_inputs_raise(cases):

@@ -748,6 +748,8 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     finished = bool(carry.stopped) or start >= total
     if not finished:
         t_c = time.perf_counter()
+        # a host-side evaluator ("fast") compiles its own pieces per new shape during the first
+        # generations; those seconds are in the generation times, not here
         compiled = compile_step(step, carry, generation_key(base_key, start), dev_params, *dev)
         this_compile = time.perf_counter() - t_c
         compile_time = this_compile if compile_time is None else compile_time

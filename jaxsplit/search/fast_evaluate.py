@@ -345,7 +345,8 @@ def first_preactivation(images: jax.Array, kernel_pad: jax.Array, bias_pad: jax.
 
 
 def first_block(pre: jax.Array, cols: jax.Array, *, pool: bool) -> jax.Array:
-    """One module's first block from the shared pre-activation: take `cols` (K0 -> 0), ReLU, [pool]."""
+    """One module's first block from the shared pre-activation: take `cols` (K0 -> 0), ReLU,
+    [pool]."""
     y = jax.nn.relu(jnp.take(pre, cols, axis=3, mode="fill", fill_value=0.0))
     return _pool(y) if pool else y
 
@@ -454,7 +455,8 @@ class FastEvaluator:
     def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
                  classes: jax.Array) -> jax.Array:
         """See `jaxsplit.search.evaluate.Evaluator`."""
-        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images, classes)
+        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images,
+                                                                  classes)
         leaves = [masks[n] for n in self.spec.names] + [classes, images]
         leaves += jax.tree_util.tree_leaves(params)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
@@ -561,7 +563,8 @@ class FastEvaluator:
         """Full-size buckets, slots computed with `jnp`; exact, without the FLOP savings."""
         spec = self.spec
         layers = spec.layers
-        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images, classes)
+        num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images,
+                                                                  classes)
         total = num_rows * num_individuals
         flat = {n: masks[n].reshape(total, -1) for n in spec.names}
         group_of = {n: g for g in spec.ties for n in g}
