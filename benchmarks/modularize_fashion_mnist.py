@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "backend_comparison": comparison,
         "machine": {**machine_info(), "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in load_after]},
+        "note": ("timings on a 2-core CPU shared with other jobs (see the load averages: above 2 means "
+                 "fewer than 2 cores were free), so they are pessimistic"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out = Path(args.results)

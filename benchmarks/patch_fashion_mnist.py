@@ -92,11 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             "population_size", "num_generations", "generations_run", "num_valid_images",
             "model_test_accuracy", "ensemble_test_accuracy", "test_accuracy_loss", "ensemble_diff",
             "mean_kept_fraction", "mean_params_fraction", "mean_macs_fraction", "mean_generation_time_s")}
-    if "average_poor_fit" in results:
+    if "average_poor_fit" in results:  # under-/over-fitted weak models (patch.poor_fit)
         doc["average_poor_fit"] = results["average_poor_fit"]
+        doc["acceptance_poor_fit"] = {
+            kind: patch.acceptance(avg, results["primary_calibration"])
+            for kind, avg in results["average_poor_fit"].items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {args.out}")
+    for label, acc in [("weak models", results["acceptance"])] + sorted(doc.get("acceptance_poor_fit", {}).items()):
+        print(f"{label}: {'PASSED' if acc['passed'] else 'NOT passed'} ({acc['calibration']}: precision "
+              f"{100 * acc['delta_tc_precision']:+.2f}, recall {100 * acc['delta_tc_recall']:+.2f}, "
+              f"non-TC {100 * acc['delta_non_tc_accuracy']:+.2f} pts)")
     passed = results["acceptance"]["passed"]
     return 0 if passed or not args.strict else 1
 

@@ -26,6 +26,7 @@ import jax
 from jaxsplit import cli
 from jaxsplit import config as jconfig
 from jaxsplit import train
+from jaxsplit.models.convnet import conv_macs, head_macs
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_ACCURACY = 0.90
@@ -63,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_epoch": [round(h["seconds"], 1) for h in m["history"]],
         "history": m["history"],
         "num_params": m["num_params"],
+        "macs_per_image": {"conv": conv_macs(result.model), "head": head_macs(result.model),
+                           "total": conv_macs(result.model) + head_macs(result.model)},
         "num_train": m["num_train"],
         "meets_accuracy_target": m["test_accuracy"] >= TARGET_ACCURACY,
         "meets_time_target": m["train_time_s"] <= TARGET_SECONDS,
         "machine": {
+            **train.machine_info(),
             "processor": platform.processor() or platform.machine(),
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
+        "note": ("timings on a 2-core CPU shared with other jobs (see the load averages: above 2 means "
+                 "fewer than 2 cores were free), so they are pessimistic"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out = Path(args.results)

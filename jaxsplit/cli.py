@@ -280,8 +280,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _train(cfg, out, progress=progress)
     stages: list[tuple[str, str, str, Callable[[Callable], Any]]] = [
         ("modularize", "jaxsplit.search.driver", "run_modularize",
-         lambda fn: fn(out, cfg, resume=(out / "modularize" / "search_ckpt").exists())),
-        ("patch", "jaxsplit.patch", "run_patch", lambda fn: fn(out, cfg)),
+         lambda fn: fn(out, cfg, resume=(out / "modularize" / "search_ckpt").exists(),
+                    progress=progress)),
+        ("patch", "jaxsplit.patch", "run_patch", lambda fn: fn(out, cfg, progress=progress)),
         ("report", "jaxsplit.report", "write_report", lambda fn: fn(out)),
     ]
     for stage, module, name, call in stages:
