@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_params
 from jaxsplit import extract as E
 from jaxsplit import masks as masks_lib
 from jaxsplit.models import (
@@ -17,7 +17,6 @@ from jaxsplit.models import (
     conv_macs,
     count_params,
     head_macs,
-    init_params,
     rescnn,
     simcnn,
     weak_cnn,
@@ -43,18 +42,6 @@ ARCHS = {
     "tiny_tied": _tiny_tied,
 }
 NUM_MASKS = {"simcnn": 4, "rescnn": 4, "weak_cnn": 4, "tiny_tied": 8}
-
-
-def _random_params(model: ConvNet, seed: int) -> dict:
-    """He-normal weights, N(0, 0.1) biases, from numpy (logits O(1), nothing compiled)."""
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        std = math.sqrt(2.0 / math.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, shapes)
 
 
 def _images(model: ConvNet, seed: int, num: int = 3) -> jax.Array:
@@ -90,7 +77,7 @@ def _mask(model: ConvNet, seed: int) -> dict[str, np.ndarray]:
 def test_extracted_logits_equal_masked_logits(arch):
     model = ARCHS[arch]()
     spec = model.conv_spec()
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     x = _images(model, 1)
     masked_fn = jax.jit(lambda p, m: model.apply({"params": p}, x, masks=m))
     one_kernel_seen = False
@@ -124,7 +111,7 @@ def test_extracted_logits_equal_masked_logits(arch):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_all_ones_mask_is_the_identity(arch):
     model = ARCHS[arch]()
-    params = _random_params(model, 2)
+    params = random_params(model, 2)
     full = masks_lib.full(model.conv_spec())
     small, small_params = E.extract(model, params, full)
     assert small == model
@@ -145,7 +132,7 @@ def test_target_class_keeps_that_column_of_every_head_layout():
     """The classifier is the first Dense layer (ResCNN, weak CNN) or a later one (SimCNN)."""
     for arch in ("rescnn", "weak_cnn", "tiny_tied"):
         model = ARCHS[arch]()
-        params = _random_params(model, 3)
+        params = random_params(model, 3)
         mask = _mask(model, 5)
         _, all_cols = E.extract(model, params, mask)
         for tc in (0, model.num_classes - 1):
@@ -163,7 +150,7 @@ def test_target_class_keeps_that_column_of_every_head_layout():
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_stats_agree_with_the_extracted_modules(arch):
     model = ARCHS[arch]()
-    params = _random_params(model, 4)
+    params = random_params(model, 4)
     spec = model.conv_spec()
     full_params = count_params(params)
     full_macs = conv_macs(model) + head_macs(model)
@@ -199,7 +186,7 @@ def test_stats_agree_with_the_extracted_modules(arch):
 
 def test_accepts_numpy_jax_masks_and_wrapped_params():
     model = ARCHS["tiny_tied"]()
-    params = _random_params(model, 5)
+    params = random_params(model, 5)
     mask = _mask(model, 6)
     _, a = E.extract(model, params, {k: jnp.asarray(v) for k, v in mask.items()})
     wrapped_model, b = E.extract(model, {"params": params}, mask)
@@ -212,7 +199,7 @@ def test_accepts_numpy_jax_masks_and_wrapped_params():
 def test_bad_masks_are_rejected_naming_the_layer():
     model = ARCHS["rescnn"]()
     spec = model.conv_spec()
-    params = _random_params(model, 6)
+    params = random_params(model, 6)
     good = {k: np.asarray(v) for k, v in masks_lib.full(spec).items()}
 
     def bad(**changes):
@@ -243,7 +230,7 @@ def test_bad_masks_are_rejected_naming_the_layer():
 
 def test_bad_target_class_and_params_are_rejected():
     model = ARCHS["weak_cnn"]()
-    params = _random_params(model, 7)
+    params = random_params(model, 7)
     mask = masks_lib.full(model.conv_spec())
     for tc, match in ((6, "out of range"), (-1, "out of range"), (1.0, "int"), (True, "int")):
         with pytest.raises(E.ExtractError, match=match):

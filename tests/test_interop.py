@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsplit.models import ConvLayerDef, ConvNet, init_params, rescnn, simcnn, weak_cnn
+from helpers import random_params
+from jaxsplit.models import ConvLayerDef, ConvNet, rescnn, simcnn, weak_cnn
 
 TOL = 1e-4
 
@@ -45,20 +45,6 @@ def _randomize(torch, net, seed):
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return net.eval()
-
-
-def _random_params(model, seed):
-    """He-normal params of `model` from numpy (shapes from `jax.eval_shape`, nothing compiled:
-    jax's per-shape RNG compiles make `init_params` take many seconds on a 2-core CPU)."""
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 0
-        std = math.sqrt(2.0 / fan_in) if fan_in else 0.1
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, shapes)
 
 
 def _images(model, seed, num=3):
@@ -213,7 +199,7 @@ def test_weak_cnn_with_4x4_last_map_needs_and_gets_the_nchw_permutation(torch, c
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_jax_weights_load_into_reference_classes(torch, tm, conv, case):
     net, model = _reference_pair(tm, case)
-    params = _random_params(model, len(case))
+    params = random_params(model, len(case))
     net.load_state_dict(conv.params_to_state_dict(params, model), strict=True)
     net.eval()
     x = _images(model, seed=5)
@@ -275,7 +261,7 @@ ROUND_TRIP_MODELS = {
 def test_round_trip_is_bit_exact(torch, conv, name, style):
     model = ROUND_TRIP_MODELS[name]()
     for seed in range(3):
-        params = _random_params(model, seed)
+        params = random_params(model, seed)
         sd = conv.params_to_state_dict(params, model, style=style)
         back = conv.state_dict_to_params(sd, model)  # style detected from the keys
         assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
@@ -289,7 +275,7 @@ def test_round_trip_is_bit_exact(torch, conv, name, style):
 @pytest.mark.torch
 def test_params_to_state_dict_styles(conv):
     model = rescnn(width=0.0625)
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     assert "classifier.2.weight" in conv.params_to_state_dict(params, model)  # auto
     flat = conv.params_to_state_dict(params, model, style="simcnn")
     assert "fc_12.weight" in flat and "conv_0.weight" in flat
@@ -305,7 +291,7 @@ def test_params_to_state_dict_styles(conv):
 @pytest.mark.torch
 def test_save_and_load_pth(torch, conv, tmp_path):
     model = _extracted_model()
-    params = _random_params(model, 1)
+    params = random_params(model, 1)
     path = tmp_path / "sub" / "module.pth"
     conv.save_state_dict(params, model, path)
     loaded = conv.load_state_dict(path, model)
@@ -342,7 +328,7 @@ def test_load_errors_name_the_path(torch, conv, tmp_path):
     with pytest.raises(conv.StateDictError, match="tensor.pth.*Tensor"):
         conv.load_state_dict(tensor_only, model)
     wrong = tmp_path / "wrong.pth"
-    conv.save_state_dict(_random_params(model, 0), model, wrong)
+    conv.save_state_dict(random_params(model, 0), model, wrong)
     other = weak_cnn(num_classes=6, in_channels=3, widths=(4, 16), image_size=16)
     with pytest.raises(conv.StateDictError, match=r"wrong\.pth(.|\n)*conv_1\.weight"):
         conv.load_state_dict(wrong, other)
@@ -383,7 +369,7 @@ def test_state_dict_of_the_other_family_is_refused(tm, conv):
 @pytest.mark.torch
 def test_params_that_do_not_fit_are_refused(conv):
     model = _extracted_model()
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     bad = {**params, "conv_2": {"kernel": params["conv_2"]["kernel"][..., :1],
                                 "bias": params["conv_2"]["bias"]}}
     with pytest.raises(conv.StateDictError, match=r"conv_2/kernel.*\(3, 3, 5, 2\)"):

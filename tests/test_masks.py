@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_params
 from jaxsplit import masks as M
-from jaxsplit.models import ConvNet, init_params, rescnn, simcnn, weak_cnn
+from jaxsplit.models import rescnn, simcnn, weak_cnn
 
 ARCHS = {
     "simcnn": lambda: simcnn(num_classes=10, in_channels=1, width=0.0625),
     "rescnn": lambda: rescnn(num_classes=10, in_channels=3, width=0.0625),
     "weak_cnn": lambda: weak_cnn(num_classes=6, in_channels=3, width=0.25, hidden=(16,)),
 }
-
-
-def _random_params(model: ConvNet, seed: int) -> dict:
-    """He-normal weights, N(0, 0.1) biases, from numpy (logits O(1), nothing compiled)."""
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        std = math.sqrt(2.0 / math.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, shapes)
 
 
 def _np(mask):
@@ -146,7 +134,7 @@ def test_validate_names_the_bad_layer():
 def test_weight_masking_equals_activation_masking_over_a_population(arch):
     model = ARCHS[arch]()
     spec = model.conv_spec()
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, model.in_channels)), jnp.float32)
     pop = _rand(3, spec, np.linspace(0.05, 0.95, 64)[:, None], (64,))
 
@@ -179,7 +167,7 @@ def test_weight_masking_equals_activation_masking_over_a_population(arch):
 def test_apply_to_params_rejects_bad_inputs():
     model = ARCHS["weak_cnn"]()
     spec = model.conv_spec()
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     with pytest.raises(M.MaskError, match="params have no layer conv_1"):
         M.apply_to_params({k: v for k, v in params.items() if k != "conv_1"}, M.full(spec), spec)
     with pytest.raises(M.MaskError, match="conv_2 has shape"):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import random_params
 from jaxsplit.models import (
     ConvLayerDef,
     ConvNet,
@@ -29,16 +29,6 @@ from jaxsplit.models.convnet import RESCNN_BLOCKS, SIMCNN_WIDTHS
 def _shapes(model: ConvNet):
     """The params tree as ShapeDtypeStructs (traced, never allocated or compiled)."""
     return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-
-
-def _random_params(model: ConvNet, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        std = math.sqrt(2.0 / math.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 0.1
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, _shapes(model))
 
 
 # -- the reference sizes (SPEC §1, issue 3) ------------------------------------------------------
@@ -157,7 +147,7 @@ def test_conv_and_head_macs_of_a_module():
 def test_activations_returns_every_post_relu_map(name, kw):
     model = build_model(name, num_classes=5, **kw)
     spec = model.conv_spec()
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, model.in_channels)), jnp.float32)
     mask = {l.name: jnp.asarray(np.arange(l.num_kernels) % 2 == 0) for l in spec.layers}
 
@@ -184,7 +174,7 @@ def test_activations_returns_every_post_relu_map(name, kw):
 
 def test_bad_input_shapes_are_rejected():
     model = weak_cnn(num_classes=3, in_channels=1, widths=(2,), image_size=8)
-    params = _random_params(model, 0)
+    params = random_params(model, 0)
     for shape in ((2, 8, 8, 3), (2, 16, 16, 1), (8, 8, 1)):
         with pytest.raises(ModelInputError, match=r"expected \(N, 8, 8, 1\)"):
             model.apply({"params": params}, jnp.zeros(shape))
