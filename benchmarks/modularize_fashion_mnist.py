@@ -22,7 +22,6 @@ other processes on the machine slow the run down) and the date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -36,7 +35,8 @@ import numpy as np
 from jaxsplit import cli
 from jaxsplit import config as jconfig
 from jaxsplit.search import evaluate as jevaluate
-from jaxsplit.train import machine_info
+
+from _record import save_record  # benchmarks/ (the script's folder) is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 15 * 60.0
@@ -171,15 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         "meets_accuracy_target": loss <= TARGET_MAX_LOSS,
         "meets_macs_target": macs is not None and macs <= TARGET_MAX_MACS,
         "backend_comparison": comparison,
-        "machine": {**machine_info(), "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after]},
-        "note": ("timings on a 2-core CPU shared with other jobs (see the load averages: above 2 means "
-                 "fewer than 2 cores were free), so they are pessimistic"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save_record(args.results, record, load_before, load_after)
     print(f"search {wall:.0f} s (target {TARGET_SECONDS:.0f}), test accuracy {summary['ensemble_test_accuracy']:.4f} "
           f"vs model {summary['model_test_accuracy']:.4f} (loss {100 * loss:.2f} pts, target <= 3), "
           f"mean MACs {100 * macs:.1f}% (target <= 60%) -> {out}")

@@ -13,7 +13,6 @@ target: the whole demo in <= 15 min on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _record import save_record  # benchmarks/ (the script's folder) is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_SECONDS = 15 * 60.0
@@ -99,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         stage_s[s] = round(end - starts[s], 1)
     setup_s = round(starts[order[0]], 1) if order else None
 
-    from jaxsplit.train import machine_info
-
     record = {
         "benchmark": "time_demo",
         "command": args.command,
@@ -113,15 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         "target_s": TARGET_SECONDS,
         "last_output": last_lines,
         "figures": _figures(run_dir),
-        "machine": {**machine_info(), "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in load_after]},
-        "note": ("timings on a 2-core CPU shared with other jobs (see the load averages: above 2 means "
-                 "fewer than 2 cores were free), so they are pessimistic"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save_record(args.results, record, load_before, load_after)
     print(f"demo: exit {rc}, {total:.0f} s (target {TARGET_SECONDS:.0f} s), stages {stage_s} -> {out}")
     return rc
 

@@ -13,20 +13,17 @@ and after the run (other processes on the machine slow the run down).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
-
-import jax
 
 from jaxsplit import cli
 from jaxsplit import config as jconfig
 from jaxsplit import train
 from jaxsplit.models.convnet import conv_macs, head_macs
+
+from _record import save_record  # benchmarks/ (the script's folder) is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_ACCURACY = 0.90
@@ -69,23 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_train": m["num_train"],
         "meets_accuracy_target": m["test_accuracy"] >= TARGET_ACCURACY,
         "meets_time_target": m["train_time_s"] <= TARGET_SECONDS,
-        "machine": {
-            **train.machine_info(),
-            "processor": platform.processor() or platform.machine(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "note": ("timings on a 2-core CPU shared with other jobs (see the load averages: above 2 means "
-                 "fewer than 2 cores were free), so they are pessimistic"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.results)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save_record(args.results, record, load_before)
     print(f"test accuracy {m['test_accuracy']:.4f} (target {TARGET_ACCURACY}), training "
           f"{m['train_time_s']:.1f} s (target {TARGET_SECONDS:.0f} s), total {wall:.1f} s -> {out}")
     return 0
