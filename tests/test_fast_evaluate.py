@@ -105,8 +105,9 @@ def assert_close(L, ref):
     np.testing.assert_allclose(np.asarray(L), ref, rtol=0, atol=1e-4 * scale)
 
 
+@pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_matches_the_reference_backend(cases, name):
+def test_matches_the_reference_backend(cases, name, share):
     model, params, images, classes = cases[name]
     spec = model.conv_spec()
     masks = random_masks(model, 0.5, 7)
@@ -115,7 +116,9 @@ def test_matches_the_reference_backend(cases, name):
     masks = {n: masks[n].at[0].set(True).at[1, 0].set(one[n][0]) for n in spec.names}
     ref = reference_L(model, params, masks, images, classes)
     assert np.abs(ref).max() > 0.1  # a non-trivial table
-    fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)
+    fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8,
+                                  share_first_conv=share)
+    assert fast.share_first_conv == share
     L = fast(params, masks, images, classes)
     assert L.shape == (C, P, N) and L.dtype == jnp.float32
     assert_close(L, ref)
@@ -212,7 +215,8 @@ def test_one_trace_per_bucket_shape(cases):
     model, params, images, classes = cases["weak"]  # conv widths 8, 16, 32: steps 8, 8, 8
     # one worker: two threads meeting a new shape at once may both trace it (harmless, but the
     # counts would vary)
-    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1)
+    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1,
+                                  share_first_conv=False)
     spec = model.conv_spec()
 
     def counts(a, b, c):
@@ -246,6 +250,68 @@ def test_one_trace_per_bucket_shape(cases):
     assert spec.names == ("conv_0", "conv_1", "conv_2")
 
 
+def test_shared_first_conv_traces_once_per_width(cases):
+    """The shared second layer has one shape (chunk_individuals x K1 columns) whatever the
+    members keep; each member's slice is one trace per bucket size."""
+    model, params, images, classes = cases["weak"]  # conv_1: 16 kernels, buckets 8 and 16
+    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1,
+                                  share_first_conv=True)
+    for seed, (a, b, c) in enumerate([(5, 9, 17), (8, 4, 17), (3, 16, 20)]):
+        counts = {"conv_0": np.full((C, P), a), "conv_1": np.full((C, P), b),
+                  "conv_2": np.full((C, P), c)}
+        masks = masks_from_counts(model, counts, seed)
+        assert_close(fast(params, masks, images, classes),
+                     reference_L(model, params, masks, images, classes))
+    assert fast.trace_counts["shared_first_conv"] == 1
+    assert fast.trace_counts["take_channels/16"] == 1 and fast.trace_counts["take_channels/8"] == 1
+    assert "first_block/pool=True" not in fast.trace_counts
+
+
+def test_rows_do_not_depend_on_the_other_modules(cases):
+    """Bit for bit: a module's row is the same whatever its position, its group's other
+    members, or the call's other rows (what makes the row cache sound)."""
+    for name in ("weak", "residual"):
+        model, params, images, classes = cases[name]
+        masks = random_masks(model, 0.5, 11)
+        for share in (False, True):
+            fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=8,
+                                          share_first_conv=share, cache_bytes=0)
+            base = np.asarray(fast(params, masks, images, classes))
+            perm = np.random.default_rng(1).permutation(P)
+            shuffled = np.asarray(fast(params, {k: v[:, perm] for k, v in masks.items()},
+                                       images, classes))
+            np.testing.assert_array_equal(shuffled[:, np.argsort(perm)], base)
+            alone = np.asarray(fast(params, {k: v[1:2, 2:3] for k, v in masks.items()}, images,
+                                    classes[1:2]))
+            np.testing.assert_array_equal(alone[0, 0], base[1, 2])
+
+
+def test_row_cache_reuses_repeated_modules(cases):
+    model, params, images, classes = cases["residual"]
+    masks = random_masks(model, 0.5, 12)
+    fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)
+    plain = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8, cache_bytes=0)
+    first = np.asarray(fast(params, masks, images, classes))
+    assert fast.cache_stats == {"misses": C * P, "hits": 0}
+    # the next "generation": two rows kept, one duplicated inside the call, the rest new
+    new = random_masks(model, 0.5, 13)
+    nxt = {k: new[k].at[:, 0].set(masks[k][:, 2]).at[:, 1].set(masks[k][:, 3])
+           .at[:, 3].set(new[k][:, 2]) for k in masks}
+    second = np.asarray(fast(params, nxt, images, classes))
+    # rows run: one per class (column 2; column 3 is its copy); the other three are reused
+    assert fast.cache_stats["hits"] == 3 * C and fast.cache_stats["misses"] == C * P + C
+    np.testing.assert_array_equal(second, np.asarray(plain(params, nxt, images, classes)))
+    np.testing.assert_array_equal(second[:, :2], first[:, 2:4])
+    assert plain.cache_stats["hits"] == 0
+    # other params (or other images): nothing reused
+    other = random_params(model, 98)
+    assert_close(fast(other, nxt, images, classes), reference_L(model, other, nxt, images, classes))
+    assert fast.cache_stats["hits"] == 4 * C  # only the copy inside the call
+    # the same class with the same mask but another class row is another module
+    swapped = np.asarray(fast(other, nxt, images, classes[::-1]))
+    assert_close(swapped, reference_L(model, other, nxt, images, classes[::-1]))
+
+
 def test_bad_inputs_raise(cases):
     model, params, images, classes = cases["residual"]
     masks = random_masks(model, 0.5, 0)
@@ -259,9 +325,14 @@ def test_bad_inputs_raise(cases):
     with pytest.raises(E.EvaluatorInputError, match=r"\[0, 1, 7\].*\[0, 5\)"):
         fast(params, masks, images, jnp.array([0, 1, 7], jnp.int32))
     for bad in ({"chunk_images": 0}, {"chunk_individuals": 1.5}, {"num_buckets": 0},
-                {"num_workers": 0}):
+                {"num_workers": 0}, {"cache_bytes": -1}):
         with pytest.raises(E.EvaluatorInputError, match=next(iter(bad))):
             FE.make_fast_evaluator(model, **bad)
+    adds_first = ConvNet(convs=(ConvLayerDef(4), ConvLayerDef(4, residual_from=0)), hidden=(),
+                         head_dropout=(0.0,), num_classes=3, in_channels=1, image_size=8)
+    with pytest.raises(E.EvaluatorInputError, match="share_first_conv=True"):
+        FE.make_fast_evaluator(adds_first, share_first_conv=True)
+    assert not FE.make_fast_evaluator(adds_first).share_first_conv
 
 
 def test_backend_selection_and_config(cases):

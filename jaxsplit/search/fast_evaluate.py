@@ -105,6 +105,8 @@ DENSE_MAX_HW = 2  # maps of at most DENSE_MAX_HW x DENSE_MAX_HW use DENSE
 DEFAULT_NUM_BUCKETS = 32
 ALIGN = 8
 MAX_WORKERS = 4
+DEFAULT_CACHE_BYTES = 256 * 2**20  # evaluated rows kept for reuse (see `_evaluate_cached`)
+SHARE_MAX_K0 = 32  # share the second conv layer by default when the first has <= 32 kernels
 
 
 def conv_method(hw: tuple[int, int]) -> str:
@@ -117,6 +119,17 @@ def conv_method(hw: tuple[int, int]) -> str:
     by zero blocks (a 4x4 map has 100 of 256 position pairs adjacent).
     """
     return DENSE if hw[0] <= DENSE_MAX_HW and hw[1] <= DENSE_MAX_HW else CONV
+
+
+def can_share_first_conv(spec: ConvSpec, methods: Mapping[str, str]) -> bool:
+    """Whether the second conv layer can run for a group of modules at once
+    (`shared_first_conv`): it exists, runs as an XLA convolution, and neither it nor any layer
+    adds the first layer's output (the shared path never builds a module's layer-0 output)."""
+    if len(spec.layers) < 2:
+        return False
+    first, second = spec.layers[:2]
+    return (methods[second.name] == CONV and second.residual_from is None
+            and all(l.residual_from != first.name for l in spec.layers))
 
 
 def bucket_step(num_kernels: int, num_buckets: int) -> int:
@@ -351,6 +364,63 @@ def first_block(pre: jax.Array, cols: jax.Array, *, pool: bool) -> jax.Array:
     return _pool(y) if pool else y
 
 
+def shared_first_conv(pre: jax.Array, kernel: jax.Array, bias: jax.Array, *, pool0: bool,
+                      pool1: bool) -> jax.Array:
+    """The second conv layer of a group of modules at once, from the shared first pre-activation.
+
+    Args:
+      pre: `(n, H, W, K0)` from `first_preactivation`.
+      kernel: `(3, 3, K0, S)`: the members' layer-1 kernels side by side, each with the rows of
+        the first-layer kernels it does not keep zeroed (`group_first_conv`).
+      bias: `(S,)`.
+
+    Returns:
+      `(n, H', W', S)`: ReLU(pre) [pool] -> conv + bias -> ReLU [pool]; member m's layer-1
+      output is its slice of the last axis.
+    """
+    x = jax.nn.relu(pre)
+    if pool0:
+        x = _pool(x)
+    return conv_block(x, kernel, bias, None, method=CONV, pool=pool1)
+
+
+def take_channels(y: jax.Array, offset: jax.Array, *, size: int) -> jax.Array:
+    """`y[..., offset:offset + size]` (one member's slice of `shared_first_conv`'s output)."""
+    return jax.lax.dynamic_slice_in_dim(y, offset, size, axis=3)
+
+
+def group_first_conv(kernel_pad: np.ndarray, bias_pad: np.ndarray, own0: list[np.ndarray],
+                     cols1: list[np.ndarray], slot_width: int,
+                     num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A group's layer-1 weights for `shared_first_conv` (host, numpy).
+
+    Member m keeps the first-layer kernels `own0[m]` (bool `(K0,)`) and the layer-1 output
+    columns `cols1[m]` (`(B1_m,)`, padding index K1 for slots it does not keep): its block is
+    `kernel_pad[:, :, :K0, cols1[m]]` with the rows of the other first-layer kernels zeroed
+    (a masked kernel outputs zero after ReLU, so its row contributes nothing). Member m's block
+    starts at column `m * slot_width` of a kernel of fixed width `S = num_slots * slot_width`
+    (unused columns zero): one compiled shape, and a member's numbers do not depend on the other
+    members (XLA's convolution may sum in another order for another output width, and the
+    search's results must not depend on how individuals are grouped).
+
+    Returns:
+      `(kernel (3, 3, K0, S), bias (S,), offsets (M,))`.
+    """
+    k0 = kernel_pad.shape[2] - 1
+    if len(cols1) > num_slots or any(len(c) > slot_width for c in cols1):
+        raise ValueError(f"{len(cols1)} members of at most {slot_width} columns do not fit "
+                         f"{num_slots} slots")
+    kernel = np.zeros((3, 3, k0, num_slots * slot_width), kernel_pad.dtype)
+    bias = np.zeros((num_slots * slot_width,), bias_pad.dtype)
+    for m, (own, cols) in enumerate(zip(own0, cols1)):
+        start = m * slot_width
+        kernel[..., start:start + len(cols)] = (kernel_pad[:, :, :k0, cols]
+                                                * own[None, None, :, None])
+        bias[start:start + len(cols)] = bias_pad[cols]
+    offsets = np.arange(len(cols1), dtype=np.int32) * slot_width
+    return kernel, bias, offsets
+
+
 def head_forward(features: jax.Array, head: list) -> jax.Array:
     """`(n, H_L, W_L, B_L)` -> the module's logit `(n,)` (Dense -> ReLU -> ... -> column)."""
     h = features.reshape(features.shape[0], -1)
@@ -398,6 +468,8 @@ class FastEvaluator:
       num_buckets: bucket sizes per layer (see `bucket_size`).
       num_workers: threads running modules concurrently (see `default_num_workers`).
       methods: `{conv_name: "conv" | "dense"}` (see `conv_method`).
+      share_first_conv: the second conv layer runs once per group of modules
+        (`shared_first_conv`) instead of once per module (see `make_fast_evaluator`).
       trace_counts: `Counter` of traces per jitted piece (one per new shape;
         for tests and for watching compilations).
       host_side: True: call it outside `jit` to get its speed (the search
@@ -407,7 +479,8 @@ class FastEvaluator:
     host_side = True
 
     def __init__(self, model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
-                 num_buckets: int = DEFAULT_NUM_BUCKETS, num_workers: int | None = None):
+                 num_buckets: int = DEFAULT_NUM_BUCKETS, num_workers: int | None = None,
+                 share_first_conv: bool | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         if num_workers is None:
             num_workers = default_num_workers()
         for name, value in (("chunk_individuals", chunk_individuals),
@@ -415,6 +488,13 @@ class FastEvaluator:
                             ("num_workers", num_workers)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise EvaluatorInputError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or (
+                cache_bytes < 0):
+            raise EvaluatorInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        self.cache_bytes = int(cache_bytes)
+        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._cache_inputs: tuple = ()
+        self.cache_stats = collections.Counter()  # "hits", "misses" (rows), for tests and logs
         self.model = model
         self.spec = model.conv_spec()
         self.chunk_individuals = int(chunk_individuals)
@@ -424,6 +504,15 @@ class FastEvaluator:
         self.trace_counts: collections.Counter = collections.Counter()
         lock = threading.Lock()
         self.methods = {l.name: conv_method(l.input_hw) for l in self.spec.layers}
+        possible = can_share_first_conv(self.spec, self.methods)
+        if share_first_conv is None:
+            share_first_conv = possible and self.spec.layers[0].num_kernels <= SHARE_MAX_K0
+        elif share_first_conv and not possible:
+            raise EvaluatorInputError(
+                "share_first_conv=True needs a second conv layer on maps larger than "
+                f"{DENSE_MAX_HW}x{DENSE_MAX_HW} and no residual add from or into the first "
+                "layer's output; this model has none")
+        self.share_first_conv = bool(share_first_conv)
         self._index = {name: i for i, name in enumerate(self.spec.names)}
         self._prepared_cache: tuple[list, dict] | None = None
 
@@ -445,6 +534,17 @@ class FastEvaluator:
                     f"conv_block/{key[0]}/pool={key[1]}/residual={key[2]}", _conv_block_positional,
                     method=key[0], pool=key[1])
         self._head = counted("head", head_forward)
+        if self.share_first_conv:
+            layers = self.spec.layers
+            self._shared_first = counted("shared_first_conv", shared_first_conv,
+                                         pool0=layers[0].pool, pool1=layers[1].pool)
+            self._take = {}  # size -> jitted take_channels
+
+            def take(size):
+                if size not in self._take:
+                    self._take[size] = counted(f"take_channels/{size}", take_channels, size=size)
+                return self._take[size]
+            self._take_fn = take
         self._traced = counted("traced_evaluate", self._evaluate_traced)
 
     @property
@@ -464,12 +564,67 @@ class FastEvaluator:
         total = num_rows * num_individuals
         flat = {n: np.asarray(masks[n], bool).reshape(total, -1) for n in self.spec.names}
         row_class = np.repeat(np.asarray(classes, np.int64), num_individuals)
-        out = self._evaluate_host(params, flat, images, row_class)  # (M, N)
+        out = self._evaluate_cached(params, flat, images, row_class)  # (M, N)
         result = jnp.asarray(out.reshape(num_rows, num_individuals, num_images))
         chex.assert_shape(result, (num_rows, num_individuals, num_images))
         return result
 
     # -- host path --------------------------------------------------------------------
+
+    def _evaluate_cached(self, params, flat_masks, images, row_class) -> np.ndarray:
+        """`(M, N)` logits; rows already computed for the same params and images are reused.
+
+        A GA's next population repeats individuals (kept parents, the hall of
+        fame, identical children): their rows are looked up by (class, mask
+        bits) instead of run again. Sound because a row depends only on its
+        module, the params and the images: the same compiled code runs it
+        whatever the other modules of the call, the grouping or the threads
+        (`group_first_conv`; tested bit for bit), and the cache is keyed on
+        the identity of the (immutable) param and image arrays, whose
+        references it holds. The cache keeps the most recently used rows up
+        to `cache_bytes`; 0 turns it off.
+        """
+        num_images = int(images.shape[0])
+        row_bytes = 4 * num_images
+        capacity = self.cache_bytes // max(row_bytes, 1)
+        if capacity == 0:
+            return self._evaluate_host(params, flat_masks, images, row_class)
+        inputs = (images, *jax.tree_util.tree_leaves(params))
+        same = (len(inputs) == len(self._cache_inputs)
+                and all(a is b for a, b in zip(inputs, self._cache_inputs))
+                and all(isinstance(x, jax.Array) for x in inputs))
+        if not same:
+            self._cache.clear()
+            self._cache_inputs = inputs if all(isinstance(x, jax.Array) for x in inputs) else ()
+        bits = np.packbits(np.concatenate([flat_masks[n] for n in self.spec.names], axis=1),
+                           axis=1)
+        keys = [row_class[m].tobytes() + bits[m].tobytes() for m in range(len(row_class))]
+        todo: dict[bytes, int] = {}  # key -> first row index, for the rows not in the cache
+        for m, key in enumerate(keys):
+            if key not in self._cache and key not in todo:
+                todo[key] = m
+        out = np.empty((len(keys), num_images), np.float32)
+        if todo:
+            rows = np.fromiter(todo.values(), np.int64, len(todo))
+            computed = self._evaluate_host(params, {n: v[rows] for n, v in flat_masks.items()},
+                                           images, row_class[rows])
+            fresh = dict(zip(todo, computed))
+        else:
+            fresh = {}
+        for m, key in enumerate(keys):
+            if key in fresh:
+                out[m] = fresh[key]
+            else:
+                out[m] = self._cache[key]
+                self._cache.move_to_end(key)
+        self.cache_stats["misses"] += len(todo)
+        self.cache_stats["hits"] += len(keys) - len(todo)
+        if self._cache_inputs:
+            for key, row in fresh.items():
+                self._cache[key] = row.copy()  # not a view: evicting frees it
+            while len(self._cache) > capacity:
+                self._cache.popitem(last=False)
+        return out
 
     def _evaluate_host(self, params, flat_masks, images, row_class) -> np.ndarray:
         """`(M, N)` logits: modules extracted on the host, run by the jitted blocks."""
@@ -489,30 +644,42 @@ class FastEvaluator:
         groups = [range(start, min(start + self.chunk_individuals, total))
                   for start in range(0, total, self.chunk_individuals)]
 
+        shared = self.share_first_conv
+
         def extract(members):
-            return [jax.device_put(self._extract(prepared, plans, m, int(row_class[m])))
-                    for m in members]
+            modules = [self._extract(prepared, plans, m, int(row_class[m])) for m in members]
+            group = self._group_weights(prepared, plans, members) if shared else None
+            sizes = [module.pop("size1", None) for module in modules]  # static: stays on host
+            modules, group = jax.device_put((modules, group))
+            for module, size in zip(modules, sizes):
+                module["size1"] = size
+            return modules, group
 
-        def run(pre, module):  # one module on one chunk, on a worker thread
-            return np.asarray(self._forward(pre, module))
+        def run(start, module, offset=None):  # one module on one chunk, on a worker thread
+            return np.asarray(self._forward(start, module, offset))
 
-        modules = extract(groups[0])
+        modules, group = extract(groups[0])
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
             for g, members in enumerate(groups):
                 previous = []
                 for c in range(num_chunks):
                     pre = self._first(jax.lax.slice_in_dim(images, c * chunk, (c + 1) * chunk),
                                       *first_weights)
-                    pending = [(m, c, pool.submit(run, pre, module))
-                               for m, module in zip(members, modules)]
+                    if shared:  # the second conv layer of all members at once
+                        y = self._shared_first(pre, group[0], group[1])
+                        pending = [(m, c, pool.submit(run, y, module, group[2][j]))
+                                   for j, (m, module) in enumerate(zip(members, modules))]
+                    else:
+                        pending = [(m, c, pool.submit(run, pre, module))
+                                   for m, module in zip(members, modules)]
                     if c == 0:  # slice the next group while the workers run this one
-                        next_modules = extract(groups[g + 1]) if g + 1 < len(groups) else None
+                        nxt = extract(groups[g + 1]) if g + 1 < len(groups) else (None, None)
                     for m_prev, c_prev, future in previous:  # at most two chunks in flight
                         out[m_prev, c_prev * chunk:(c_prev + 1) * chunk] = future.result()
                     previous = pending
                 for m_prev, c_prev, future in previous:
                     out[m_prev, c_prev * chunk:(c_prev + 1) * chunk] = future.result()
-                modules = next_modules
+                modules, group = nxt
         return out[:, :num_images]
 
     def _prepared(self, params) -> dict[str, Any]:
@@ -528,13 +695,26 @@ class FastEvaluator:
         self._prepared_cache = (leaves, prepared)
         return prepared
 
+    def _group_weights(self, prepared, plans, members) -> tuple[np.ndarray, ...]:
+        """`group_first_conv` for `members` (row indices): `(kernel, bias, offsets)`."""
+        first, second = self.spec.layers[:2]
+        k0 = first.num_kernels
+        own0 = [np.isin(np.arange(k0), plans[first.name].cols[m]) for m in members]
+        cols1 = [plans[second.name].cols[m, :int(plans[second.name].sizes[m])] for m in members]
+        return group_first_conv(*prepared[second.name], own0, cols1, second.num_kernels,
+                                self.chunk_individuals)
+
     def _extract(self, prepared, plans, m: int, cls: int) -> dict[str, Any]:
-        """Module m's weights, sliced on the host (numpy): the physically extracted module."""
+        """Module m's weights, sliced on the host (numpy): the physically extracted module
+        (without its first two conv layers when `share_first_conv`: `_group_weights`)."""
         layers = self.spec.layers
         size = {l.name: int(plans[l.name].sizes[m]) for l in layers}
         first = layers[0]
+        skip = 2 if self.share_first_conv else 1
         module = {"cols0": plans[first.name].cols[m, :size[first.name]]}
-        for prev, layer in zip(layers[:-1], layers[1:]):
+        if self.share_first_conv:
+            module = {"size1": size[layers[1].name]}
+        for prev, layer in zip(layers[skip - 1:-1], layers[skip:]):
             module[layer.name] = gather_conv(
                 *prepared[layer.name], plans[prev.name].slots[m, :size[prev.name]],
                 plans[layer.name].cols[m, :size[layer.name]], method=self.methods[layer.name],
@@ -544,12 +724,21 @@ class FastEvaluator:
                                      cls)
         return module
 
-    def _forward(self, pre: jax.Array, module: Mapping[str, Any]) -> jax.Array:
-        """One module on one image chunk: `pre (n, H, W, K0)` -> logits `(n,)`."""
+    def _forward(self, start: jax.Array, module: Mapping[str, Any],
+                 offset: jax.Array | None = None) -> jax.Array:
+        """One module on one image chunk -> logits `(n,)`.
+
+        `start` is the shared first pre-activation `(n, H, W, K0)`, or with
+        `share_first_conv` the group's `shared_first_conv` output, of which the
+        module's layer-1 output is `size1` channels from `offset`.
+        """
         layers = self.spec.layers
-        x = self._first_block[layers[0].pool](pre, module["cols0"])
-        outputs = [x]
-        for layer in layers[1:]:
+        if offset is None:
+            outputs = [self._first_block[layers[0].pool](start, module["cols0"])]
+        else:  # layer 0's output is never read again (`can_share_first_conv`)
+            outputs = [None, self._take_fn(int(module["size1"]))(start, offset)]
+        x = outputs[-1]
+        for layer in layers[len(outputs):]:
             kernel, bias = module[layer.name]
             res = None if layer.residual_from is None else outputs[self._index[layer.residual_from]]
             block = self._conv_block[(self.methods[layer.name], layer.pool, res is not None)]
@@ -619,7 +808,9 @@ def _conv_block_positional(x, kernel, bias, residual=None, *, method: str, pool:
 
 def make_fast_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
                         num_buckets: int = DEFAULT_NUM_BUCKETS,
-                        num_workers: int | None = None) -> FastEvaluator:
+                        num_workers: int | None = None,
+                        share_first_conv: bool | None = None,
+                        cache_bytes: int = DEFAULT_CACHE_BYTES) -> FastEvaluator:
     """The "fast" `Evaluator` for `model` (what `make_evaluator(model, "fast")` returns).
 
     Args:
@@ -631,6 +822,21 @@ def make_fast_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_im
         compiled shapes).
       num_workers: threads running modules concurrently (None:
         `default_num_workers()`).
+      share_first_conv: run the second conv layer once per group of
+        `chunk_individuals` modules, as one convolution from all first-layer
+        channels to all members' kept kernels (`shared_first_conv`), instead
+        of once per module. It spends FLOPs on the first-layer kernels a
+        member does not keep (zero rows), but XLA's CPU convolution with few
+        channels on large maps runs 2-3x below its speed with many outputs
+        (measured on 2 cores, 32x32 maps, conv + ReLU + pool fused: 8 -> 8
+        channels 44 GFLOP/s, 8 -> 128 82, 16 -> 128 132), so it pays for
+        narrow first layers. None: on when the model allows it
+        (`can_share_first_conv`) and the first layer has at most
+        `SHARE_MAX_K0` kernels.
+      cache_bytes: memory for rows of `L` kept for reuse when the same
+        (class, mask) comes back with the same params and images (a GA's
+        kept parents and hall of fame); 0 turns it off.
     """
     return FastEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
-                         num_buckets=num_buckets, num_workers=num_workers)
+                         num_buckets=num_buckets, num_workers=num_workers,
+                         share_first_conv=share_first_conv, cache_bytes=cache_bytes)
