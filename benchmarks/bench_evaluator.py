@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import re
@@ -57,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxsplit import masks as masks_lib  # noqa: E402
-from jaxsplit.models.convnet import ConvNet, conv_macs, head_macs, init_params, simcnn  # noqa: E402
+from jaxsplit.models.convnet import ConvNet, conv_macs, head_macs, random_params, simcnn  # noqa: E402
 from jaxsplit.search import evaluate as eval_lib  # noqa: E402
 
 REPEATS = 3
@@ -144,19 +143,6 @@ def machine_record() -> dict[str, Any]:
     except ImportError:
         pass
     return info
-
-
-def he_params(model: ConvNet, seed: int) -> dict:
-    """He-normal params from NumPy (no per-shape RNG compiles)."""
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 0
-        std = math.sqrt(2.0 / fan_in) if fan_in else 0.1
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, shapes)
 
 
 def exact_masks(model: ConvNet, fraction: float, shape: tuple[int, ...], seed: int) -> dict:
@@ -278,8 +264,19 @@ def bench_peak(size: int) -> dict[str, Any]:
 # -- 2. throughput ----------------------------------------------------------------------------
 
 
-def _jax_point(model, params, backend: str, masks_list, images, classes) -> dict[str, Any]:
+def uncached_evaluator(model, backend: str):
+    """`make_evaluator(model, backend)` without the fast backend's row cache: the throughput
+    and memory sections call it again on masks it has seen (warm-up, repeats), which the cache
+    would answer without running anything. The generation section keeps the cache (a GA's
+    kept parents really do come back)."""
     evaluate_fn = eval_lib.make_evaluator(model, backend)
+    if hasattr(evaluate_fn, "cache_bytes"):
+        evaluate_fn.cache_bytes = 0
+    return evaluate_fn
+
+
+def _jax_point(model, params, backend: str, masks_list, images, classes) -> dict[str, Any]:
+    evaluate_fn = uncached_evaluator(model, backend)
     x, cls = jnp.asarray(images), jnp.asarray(classes)
     trace = (lambda: evaluate_fn.num_traces) if hasattr(evaluate_fn, "num_traces") else None
     r = timed_calls(lambda m: block(evaluate_fn(params, m, x, cls)), masks_list,
@@ -307,7 +304,7 @@ def bench_throughput(plan: list[dict], peak_gflops: float | None, log) -> list[d
     for wplan in plan:
         width = wplan["width"]
         model = simcnn(num_classes=10, in_channels=3, width=width)
-        params = he_params(model, seed=0)
+        params = random_params(model, seed=0)
         rng = np.random.default_rng(1)
         state_dict = None
         if torch_ok:
@@ -406,7 +403,7 @@ def memory_child(spec: Mapping[str, Any]) -> dict[str, Any]:
     not possible it equals the first.
     """
     model = simcnn(num_classes=10, in_channels=3, width=spec["width"])
-    params = he_params(model, 0)
+    params = random_params(model, 0)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((spec["images"], 32, 32, 3)).astype(np.float32)
     masks = exact_masks(model, spec["kept"], (1, spec["population"]), seed=5)
@@ -420,7 +417,7 @@ def memory_child(spec: Mapping[str, Any]) -> dict[str, Any]:
         def call():
             torch_baseline.torch_logit_table(model, sd, masks, images, classes)
     else:
-        evaluate_fn = eval_lib.make_evaluator(model, spec["backend"])
+        evaluate_fn = uncached_evaluator(model, spec["backend"])
         x, cls = jnp.asarray(images), jnp.asarray(classes)
 
         def call():
@@ -542,7 +539,7 @@ def bench_generation(plan: Mapping[str, Any], log) -> list[dict[str, Any]]:
 
     model = simcnn(num_classes=10, in_channels=3, width=plan["width"])
     spec = model.conv_spec()
-    params = he_params(model, 0)
+    params = random_params(model, 0)
     rng = np.random.default_rng(0)
     importance = {n: rng.random((10, spec.layer(n).num_kernels)).astype(np.float32)
                   for n in spec.names}

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "run_dir": str(run_dir),
+        "overrides": list(args.overrides),
         "protocol": results["protocol"],
         "strong_model": results["strong_model"],
         "weak_model": results["weak_model"],

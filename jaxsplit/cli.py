@@ -325,36 +325,43 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=None, metavar="DIR",
                        help="where the datasets are (sets data.data_dir)")
 
+    def add_run(p, over_config: bool = False):  # --run [--config over the run's config.yaml]
+        p.add_argument("--run", required=True, metavar="DIR", help="run folder (runs/NAME)")
+        if over_config:
+            p.add_argument("--config", default=None, metavar="PATH",
+                           help="YAML config over the run's config.yaml")
+
+    def add_no_progress(p):
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     p = sub.add_parser("train", parents=[common], help="train a model into a run folder")
     p.add_argument("--config", default=None, metavar="PATH", help="YAML config (see configs/)")
     add_set(p)
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<name>)")
     add_data_dir(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("modularize", parents=[common], help="search per-class modules of a trained run")
-    p.add_argument("--run", required=True, metavar="DIR", help="run folder (runs/NAME)")
-    p.add_argument("--config", default=None, metavar="PATH", help="YAML config over the run's config.yaml")
+    add_run(p, over_config=True)
     add_set(p)
     add_data_dir(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest search checkpoint")
     p.set_defaults(handler=cmd_modularize)
 
     p = sub.add_parser("patch", parents=[common], help="patch weak models with the run's modules")
-    p.add_argument("--run", required=True, metavar="DIR", help="run folder (runs/NAME)")
-    p.add_argument("--config", default=None, metavar="PATH", help="YAML config over the run's config.yaml")
+    add_run(p, over_config=True)
     add_set(p)
     add_data_dir(p)
     p.set_defaults(handler=cmd_patch)
 
     p = sub.add_parser("report", parents=[common], help="write runs/NAME/report.md")
-    p.add_argument("--run", required=True, metavar="DIR", help="run folder (runs/NAME)")
+    add_run(p)
     p.set_defaults(handler=cmd_report)
 
     p = sub.add_parser("evaluate", parents=[common], help="accuracy of a run's checkpoint")
-    p.add_argument("--run", required=True, metavar="DIR", help="run folder (runs/NAME)")
+    add_run(p)
     p.add_argument("--split", choices=("test", "valid", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=None, help="default: train.eval_batch_size")
     add_data_dir(p)
@@ -370,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="PATH", help="YAML config over the preset")
     add_set(p)
     add_data_dir(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     p.set_defaults(handler=cmd_demo)
     return parser
 

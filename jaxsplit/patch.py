@@ -173,6 +173,7 @@ def make_self_task(
     tc: int,
     tc_train_images: int,
     seed: int,
+    weak_images_per_class: int | None = None,
 ) -> PatchTask:
     """The "self" mixed task on one N-class dataset.
 
@@ -184,6 +185,8 @@ def make_self_task(
       tc_train_images: keep at most this many TC images in the weak training split (chosen at
         random by ``seed``); valid and test keep every TC image.
       seed: seed of that choice.
+      weak_images_per_class: keep at most this many training images of each class of B
+        (None: all); valid and test keep every image.
 
     Returns:
       A `PatchTask` with labels ``B -> 0 .. |B|-1`` (in the given order) and ``TC -> |B|``.
@@ -205,14 +208,19 @@ def make_self_task(
     if overlap:
         raise PatchError(f"weak_classes {weak} overlap strong_classes {strong} at {overlap}")
     _check_count(tc_train_images, "tc_train_images")
+    _check_count(weak_images_per_class, "weak_images_per_class", allow_none=True)
     classes = (*weak, tc)
     tc_index = len(weak)
     train_w = jdata.select_classes(train, classes, relabel=True)
     train_w = jdata.subsample_per_class(seed, train_w, int(tc_train_images), classes=[tc_index])
+    name = f"self: classes {list(weak)} + TC {tc} (<= {tc_train_images} TC train images"
+    if weak_images_per_class is not None:
+        train_w = jdata.subsample_per_class(seed, train_w, int(weak_images_per_class),
+                                            classes=list(range(tc_index)))
+        name += f", <= {weak_images_per_class} per weak class"
     valid_w = jdata.select_classes(valid, classes, relabel=True)
     test_w = jdata.select_classes(test, classes, relabel=True)
-    return PatchTask(train_w, valid_w, test_w, tc, weak,
-                     name=f"self: classes {list(weak)} + TC {tc} (<= {tc_train_images} TC train images)")
+    return PatchTask(train_w, valid_w, test_w, tc, weak, name=name + ")")
 
 
 def make_cifar100_cifar10_task(
@@ -915,7 +923,7 @@ def _load_tasks(pcfg: Any, data_cfg: Any) -> tuple[Callable[[int], PatchTask], j
 
         def make_task(tc: int) -> PatchTask:
             return make_self_task(*full, pcfg.strong_classes, pcfg.weak_classes, tc, pcfg.tc_train_images,
-                                  pcfg.seed)
+                                  pcfg.seed, weak_images_per_class=pcfg.weak_images_per_class)
     else:
         raw = load_cifar100_cifar10(data_cfg, s_stats)
 
@@ -1069,7 +1077,8 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
                          "test_accuracy": strong_metrics.get("test_accuracy")},
         "weak_model": {"name": pcfg.weak_model, "width": pcfg.weak_width, "epochs": pcfg.weak_epochs,
                        "optimizer": pcfg.weak_optimizer, "learning_rate": pcfg.weak_learning_rate,
-                       "tc_train_images": pcfg.tc_train_images},
+                       "tc_train_images": pcfg.tc_train_images,
+                       "weak_images_per_class": pcfg.weak_images_per_class},
         "target_classes": list(target_classes),
         "calibrations": calibrations,
         "primary_calibration": calibrations[0],

@@ -20,7 +20,10 @@ class PatchConfig:
     task "self": the strong model (the run's model) is trained on `strong_classes`
     (or on all classes); the weak model on `weak_classes` + one target class (TC)
     taken from the strong classes, with at most `tc_train_images` TC training
-    images; the TC is the weak model's last class.
+    images and at most `weak_images_per_class` training images of each weak
+    class (None: all; 500 mirrors the reference's CIFAR-100 task, whose weak
+    classes have 500 training images each, like its TC); the TC is the weak
+    model's last class.
 
     task "cifar100_cifar10": the run's strong model is a CIFAR-10 model; the weak
     model learns the CIFAR-100 classes `weak_classes` (reference: apple, baby,
@@ -43,6 +46,7 @@ class PatchConfig:
     weak_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
     target_classes: tuple[int, ...] | None = None  # None: every strong class
     tc_train_images: int = 500
+    weak_images_per_class: int | None = None  # task "self": cap on each weak class's train images
     weak_model: Literal["weak_cnn", "simcnn", "rescnn"] = "weak_cnn"
     weak_width: float = 0.5
     weak_epochs: int = 5
@@ -86,5 +90,7 @@ class PatchConfig:
                "patch.poor_fit_images_per_class", f"must be >= 1 or null, got {self.poor_fit_images_per_class}")
         _check(self.calibration_bins >= 1, "patch.calibration_bins", f"must be >= 1, got {self.calibration_bins}")
         _check(self.tc_train_images >= 1, "patch.tc_train_images", f"must be >= 1, got {self.tc_train_images}")
+        _check(self.weak_images_per_class is None or self.weak_images_per_class >= 1,
+               "patch.weak_images_per_class", f"must be >= 1 or null, got {self.weak_images_per_class}")
         _check(self.weak_width > 0, "patch.weak_width", f"must be > 0, got {self.weak_width}")
         _check(self.weak_epochs >= 1, "patch.weak_epochs", f"must be >= 1, got {self.weak_epochs}")

@@ -9,7 +9,8 @@ SimCNN on Fashion-MNIST sized for a 2-core CPU, with the demo's budget for every
   population (importance-led: `init_temperature` 1, conv_0/conv_1 kept whole; see
   configs/fashion_mnist_cpu_modularize.yaml for why, and for the larger issue-5 budget);
 * patch: the "self" task on the demo's one 10-class strong model: its modules of classes 0-4
-  patch weak CNNs trained for 3 epochs on classes 5-9 + that class (500 images of it).
+  patch weak CNNs trained for 3 epochs on classes 5-9 + that class (500 training images of
+  each class, as in the reference's CIFAR-100 task).
 
 The whole demo must stay within 15 min on 2 CPU cores (benchmarks/results/demo.json).
 """
@@ -58,6 +59,7 @@ FASHION_MNIST_CPU: dict = {
         "weak_classes": [5, 6, 7, 8, 9],
         "target_classes": None,
         "tc_train_images": 500,
+        "weak_images_per_class": 500,
         "weak_model": "weak_cnn",
         "weak_width": 0.5,
         "weak_optimizer": "adam",

@@ -51,6 +51,13 @@ def test_self_task_labels_counts_and_tc_last():
     np.testing.assert_array_equal(task.valid.class_counts(), [8, 8, 8, 8])
     np.testing.assert_array_equal(task.test.class_counts(), [5, 5, 5, 5])
     assert task.counts()["train"] == [30, 30, 30, 11]
+    # weak_images_per_class caps B's training images too (the TC keeps its own cap)
+    capped = patch.make_self_task(train, valid, test, strong_classes=(0, 1, 2, 3, 4),
+                                  weak_classes=weak, tc=tc, tc_train_images=11, seed=0,
+                                  weak_images_per_class=9)
+    np.testing.assert_array_equal(capped.train.class_counts(), [9, 9, 9, 11])
+    np.testing.assert_array_equal(capped.valid.class_counts(), [8, 8, 8, 8])
+    assert set(_ids(capped.train)) <= set(_ids(task.train)) and "9 per weak class" in capped.name
 
 
 def test_self_task_subsample_is_seeded_and_capped():
@@ -73,6 +80,7 @@ def test_self_task_subsample_is_seeded_and_capped():
         ({"weak_classes": (4, 10)}, "out of range"),
         ({"weak_classes": (4, 4)}, "repeated"),
         ({"tc_train_images": 0}, "tc_train_images"),
+        ({"weak_images_per_class": 0}, "weak_images_per_class"),
     ],
 )
 def test_self_task_bad_inputs(kwargs, match):

@@ -3,7 +3,6 @@ the same logit table L as jaxsplit's evaluator, on the same exported weights and
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxsplit import masks as M
-from jaxsplit.models.convnet import init_params, rescnn, simcnn, weak_cnn
+from jaxsplit.models.convnet import random_params, rescnn, simcnn, weak_cnn
 from jaxsplit.search import evaluate as E
 
 torch = pytest.importorskip("torch")
@@ -25,19 +24,6 @@ from jaxsplit.interop.torch import params_to_state_dict  # noqa: E402
 pytestmark = pytest.mark.torch
 TOL = 1e-4
 C, P, N = 3, 4, 6
-
-
-def he_params(model, seed):
-    """He-normal params from numpy (logits O(1), no per-shape RNG compiles)."""
-    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        fan_in = math.prod(leaf.shape[:-1]) if len(leaf.shape) > 1 else 0
-        std = math.sqrt(2.0 / fan_in) if fan_in else 0.1
-        return jnp.asarray(rng.normal(0.0, std, leaf.shape).astype(np.float32))
-
-    return jax.tree_util.tree_map(draw, shapes)
 
 
 def numpy_masks(spec, keep_prob, seed):
@@ -73,7 +59,7 @@ CASES = {
 def test_torch_loop_equals_reference_evaluator(name):
     model = CASES[name]()
     spec = model.conv_spec()
-    params = he_params(model, seed=1)
+    params = random_params(model, seed=1)
     masks = numpy_masks(spec, 0.5, seed=2)
     rng = np.random.default_rng(3)
     images = rng.normal(size=(N, model.image_size, model.image_size, model.in_channels)).astype(
@@ -95,7 +81,7 @@ def test_torch_loop_equals_reference_evaluator(name):
 def test_extracted_module_is_physically_smaller():
     model = CASES["weak_cnn"]()
     spec = model.conv_spec()
-    params = he_params(model, seed=4)
+    params = random_params(model, seed=4)
     tensors = TB.layer_tensors(model, params_to_state_dict(params, model))
     mask = {n: np.zeros(spec.layer(n).num_kernels, bool) for n in spec.names}
     kept = {"conv_0": [0, 2], "conv_1": [1, 3, 5], "conv_2": [7]}
@@ -116,7 +102,7 @@ def test_extracted_module_is_physically_smaller():
 def test_bad_masks_are_rejected():
     model = CASES["rescnn"]()
     spec = model.conv_spec()
-    params = he_params(model, seed=5)
+    params = random_params(model, seed=5)
     tensors = TB.layer_tensors(model, params_to_state_dict(params, model))
     full = {n: np.ones(spec.layer(n).num_kernels, bool) for n in spec.names}
     untied = dict(full)

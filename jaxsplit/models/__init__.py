@@ -12,6 +12,7 @@ from jaxsplit.models.convnet import (
     count_params,
     head_macs,
     init_params,
+    random_params,
     rescnn,
     simcnn,
     weak_cnn,
@@ -19,6 +20,7 @@ from jaxsplit.models.convnet import (
 
 __all__ = [
     "ConvLayerDef", "ConvLayerSpec", "ConvNet", "ConvSpec", "ModelInputError", "activations",
-    "build_model", "conv_macs", "count_params", "head_macs", "init_params", "rescnn", "simcnn",
+    "build_model", "conv_macs", "count_params", "head_macs", "init_params", "random_params", "rescnn",
+    "simcnn",
     "weak_cnn",
 ]

@@ -37,7 +37,15 @@ it), with the shapes kept static for XLA:
   of modules is sliced while the device runs the current one.
 * **Run (device, jitted per shape).** Per image chunk, the first conv layer
   of the raw images is computed once for all kernels and shared by all
-  individuals (each takes its kept channels). Then, per individual, one
+  individuals (each takes its kept channels). When the first layer is
+  narrow (`share_first_conv`, default for <= 32 kernels), the second conv
+  layer also runs once per group of `chunk_individuals` modules: one
+  convolution from all first-layer channels to every member's kept kernels
+  side by side (`group_first_conv`: fixed width, so one shape and numbers
+  that do not depend on the other members), each member then takes its
+  slice. XLA's CPU convolution with ~8 channels on 32x32 maps runs 2-3x
+  below its speed with 128 outputs, which pays for the zero rows of the
+  first-layer kernels a member does not keep. Then, per individual, one
   jitted call per conv block (conv + bias + ReLU [+ 2x2 max-pool] [+
   residual add]) and one for the head. The convolution is chosen per layer
   by the map's size (`conv_method`): XLA's convolution where it runs near
@@ -48,6 +56,13 @@ it), with the shapes kept static for XLA:
   does no wasted work. `jax.jit`'s cache compiles each (block kind, n,
   B_in, B_out) once (~40-70 ms each at full width); the buckets keep that
   set small.
+
+Rows are cached (`cache_bytes`): a GA population repeats individuals
+(kept parents, the hall of fame, identical children), and a row depends
+only on its (class, mask), the params and the images, so those rows are
+looked up instead of run again (about a quarter of each generation with
+the reference GA's 20 kept parents of 100, or 3 of 16 plus the hall of
+fame at the CPU budget).
 
 Modules are not `vmap`ped (that would turn their convolutions back into
 grouped convolutions); each runs on `n <= chunk_images` images, so its
@@ -73,7 +88,10 @@ Peak memory (host path, float32, bytes / 4):
                                           image chunks)
     + ≈ 3 · num_workers · n · max_l H_l·W_l·B_l   (per running module: a block's
                                           input, output, residual)
+    + 2 · n·H1'·W1'·chunk_individuals·K1 (with share_first_conv: the shared
+                                          second-layer output of two chunks)
     + images + C·P·N                     (inputs and the output L)
+    + cache_bytes / 4                    (the row cache, at most)
 with n ≤ chunk_images the image chunk size. Nothing grows with P or N
 except the inputs and the output. Example: full-width SimCNN at 32x32, 50%
 kept, N = 1000 = chunk_images, chunk_individuals=16: params 59 MB, modules
@@ -494,6 +512,7 @@ class FastEvaluator:
         self.cache_bytes = int(cache_bytes)
         self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
         self._cache_inputs: tuple = ()
+        self._cache_lock = threading.Lock()
         self.cache_stats = collections.Counter()  # "hits", "misses" (rows), for tests and logs
         self.model = model
         self.spec = model.conv_spec()
@@ -590,19 +609,24 @@ class FastEvaluator:
         if capacity == 0:
             return self._evaluate_host(params, flat_masks, images, row_class)
         inputs = (images, *jax.tree_util.tree_leaves(params))
-        same = (len(inputs) == len(self._cache_inputs)
-                and all(a is b for a, b in zip(inputs, self._cache_inputs))
-                and all(isinstance(x, jax.Array) for x in inputs))
-        if not same:
-            self._cache.clear()
-            self._cache_inputs = inputs if all(isinstance(x, jax.Array) for x in inputs) else ()
+        cacheable = all(isinstance(x, jax.Array) for x in inputs)
         bits = np.packbits(np.concatenate([flat_masks[n] for n in self.spec.names], axis=1),
                            axis=1)
         keys = [row_class[m].tobytes() + bits[m].tobytes() for m in range(len(row_class))]
         todo: dict[bytes, int] = {}  # key -> first row index, for the rows not in the cache
-        for m, key in enumerate(keys):
-            if key not in self._cache and key not in todo:
-                todo[key] = m
+        cached: dict[bytes, np.ndarray] = {}
+        with self._cache_lock:  # the sharded wrapper calls one evaluator from several threads
+            same = cacheable and len(inputs) == len(self._cache_inputs) and all(
+                a is b for a, b in zip(inputs, self._cache_inputs))
+            if not same:
+                self._cache.clear()
+                self._cache_inputs = inputs if cacheable else ()
+            for m, key in enumerate(keys):
+                if key in self._cache:
+                    cached[key] = self._cache[key]
+                    self._cache.move_to_end(key)
+                elif key not in todo:
+                    todo[key] = m
         out = np.empty((len(keys), num_images), np.float32)
         if todo:
             rows = np.fromiter(todo.values(), np.int64, len(todo))
@@ -612,18 +636,16 @@ class FastEvaluator:
         else:
             fresh = {}
         for m, key in enumerate(keys):
-            if key in fresh:
-                out[m] = fresh[key]
-            else:
-                out[m] = self._cache[key]
-                self._cache.move_to_end(key)
-        self.cache_stats["misses"] += len(todo)
-        self.cache_stats["hits"] += len(keys) - len(todo)
-        if self._cache_inputs:
-            for key, row in fresh.items():
-                self._cache[key] = row.copy()  # not a view: evicting frees it
-            while len(self._cache) > capacity:
-                self._cache.popitem(last=False)
+            out[m] = fresh[key] if key in fresh else cached[key]
+        with self._cache_lock:
+            self.cache_stats["misses"] += len(todo)
+            self.cache_stats["hits"] += len(keys) - len(todo)
+            if cacheable and len(self._cache_inputs) == len(inputs) and all(
+                    a is b for a, b in zip(inputs, self._cache_inputs)):
+                for key, row in fresh.items():
+                    self._cache[key] = row.copy()  # not a view: evicting frees it
+                while len(self._cache) > capacity:
+                    self._cache.popitem(last=False)
         return out
 
     def _evaluate_host(self, params, flat_masks, images, row_class) -> np.ndarray:
