@@ -251,8 +251,8 @@ def test_one_trace_per_bucket_shape(cases):
 
 
 def test_shared_first_conv_traces_once_per_width(cases):
-    """The shared second layer has one shape (chunk_individuals x K1 columns) whatever the
-    members keep; each member's slice is one trace per bucket size."""
+    """The shared second layer has one shape per layer-1 bucket size B1 (chunk_individuals x B1
+    columns, whatever the group's size); each member's slice is one trace per B1 too."""
     model, params, images, classes = cases["weak"]  # conv_1: 16 kernels, buckets 8 and 16
     fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1,
                                   share_first_conv=True)
@@ -262,7 +262,7 @@ def test_shared_first_conv_traces_once_per_width(cases):
         masks = masks_from_counts(model, counts, seed)
         assert_close(fast(params, masks, images, classes),
                      reference_L(model, params, masks, images, classes))
-    assert fast.trace_counts["shared_first_conv"] == 1
+    assert fast.trace_counts["shared_first_conv"] == 2  # B1 = 16 (9 and 16 kept) and 8 (4 kept)
     assert fast.trace_counts["take_channels/16"] == 1 and fast.trace_counts["take_channels/8"] == 1
     assert "first_block/pool=True" not in fast.trace_counts
 

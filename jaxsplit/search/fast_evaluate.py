@@ -39,11 +39,12 @@ it), with the shapes kept static for XLA:
   of the raw images is computed once for all kernels and shared by all
   individuals (each takes its kept channels). When the first layer is
   narrow (`share_first_conv`, default for <= 32 kernels), the second conv
-  layer also runs once per group of `chunk_individuals` modules: one
-  convolution from all first-layer channels to every member's kept kernels
-  side by side (`group_first_conv`: fixed width, so one shape and numbers
-  that do not depend on the other members), each member then takes its
-  slice. XLA's CPU convolution with ~8 channels on 32x32 maps runs 2-3x
+  layer also runs once per group of `chunk_individuals` modules of the same
+  layer-1 bucket size B1: one convolution from all first-layer channels to
+  every member's kept kernels side by side (`group_first_conv`: width
+  `chunk_individuals * B1` whatever the group's size, so one shape per B1
+  and numbers that do not depend on the other members), each member then
+  takes its slice. XLA's CPU convolution with ~8 channels on 32x32 maps runs 2-3x
   below its speed with 128 outputs, which pays for the zero rows of the
   first-layer kernels a member does not keep. Then, per individual, one
   jitted call per conv block (conv + bias + ReLU [+ 2x2 max-pool] [+
@@ -88,7 +89,7 @@ Peak memory (host path, float32, bytes / 4):
                                           image chunks)
     + ≈ 3 · num_workers · n · max_l H_l·W_l·B_l   (per running module: a block's
                                           input, output, residual)
-    + 2 · n·H1'·W1'·chunk_individuals·K1 (with share_first_conv: the shared
+    + 2 · n·H1'·W1'·chunk_individuals·B1 (with share_first_conv: the shared
                                           second-layer output of two chunks)
     + images + C·P·N                     (inputs and the output L)
     + cache_bytes / 4                    (the row cache, at most)
@@ -663,10 +664,16 @@ class FastEvaluator:
                 [images, jnp.broadcast_to(images[:1], (padded - num_images, *images.shape[1:]))])
         first_weights = jax.device_put(prepared[first.name])
         out = np.empty((total, padded), np.float32)
-        groups = [range(start, min(start + self.chunk_individuals, total))
-                  for start in range(0, total, self.chunk_individuals)]
-
         shared = self.share_first_conv
+        if shared:  # groups of one layer-1 bucket size each (the shared block's slot width)
+            sizes1 = plans[self.spec.layers[1].name].sizes
+            groups = [rows[start:start + self.chunk_individuals]
+                      for size in np.unique(sizes1)
+                      for rows in [np.flatnonzero(sizes1 == size)]
+                      for start in range(0, len(rows), self.chunk_individuals)]
+        else:
+            groups = [range(start, min(start + self.chunk_individuals, total))
+                      for start in range(0, total, self.chunk_individuals)]
 
         def extract(members):
             modules = [self._extract(prepared, plans, m, int(row_class[m])) for m in members]
@@ -718,12 +725,13 @@ class FastEvaluator:
         return prepared
 
     def _group_weights(self, prepared, plans, members) -> tuple[np.ndarray, ...]:
-        """`group_first_conv` for `members` (row indices): `(kernel, bias, offsets)`."""
+        """`group_first_conv` for `members` (row indices, one layer-1 bucket size B1):
+        `(kernel (3, 3, K0, chunk_individuals * B1), bias, offsets)`."""
         first, second = self.spec.layers[:2]
         k0 = first.num_kernels
         own0 = [np.isin(np.arange(k0), plans[first.name].cols[m]) for m in members]
         cols1 = [plans[second.name].cols[m, :int(plans[second.name].sizes[m])] for m in members]
-        return group_first_conv(*prepared[second.name], own0, cols1, second.num_kernels,
+        return group_first_conv(*prepared[second.name], own0, cols1, len(cols1[0]),
                                 self.chunk_individuals)
 
     def _extract(self, prepared, plans, m: int, cls: int) -> dict[str, Any]:
