@@ -679,10 +679,13 @@ class FastEvaluator:
             modules = [self._extract(prepared, plans, m, int(row_class[m])) for m in members]
             group = self._group_weights(prepared, plans, members) if shared else None
             sizes = [module.pop("size1", None) for module in modules]  # static: stays on host
+            offsets = None
+            if group is not None:  # host ints: indexing a device array would wait on the queue
+                group, offsets = group[:2], [np.int32(o) for o in group[2]]
             modules, group = jax.device_put((modules, group))
             for module, size in zip(modules, sizes):
                 module["size1"] = size
-            return modules, group
+            return modules, (None if group is None else (*group, offsets))
 
         def run(start, module, offset=None):  # one module on one chunk, on a worker thread
             return np.asarray(self._forward(start, module, offset))
