@@ -560,10 +560,14 @@ class FastEvaluator:
                                          pool0=layers[0].pool, pool1=layers[1].pool)
             self._take = {}  # size -> jitted take_channels
 
+            take_lock = threading.Lock()  # workers call it
+
             def take(size):
-                if size not in self._take:
-                    self._take[size] = counted(f"take_channels/{size}", take_channels, size=size)
-                return self._take[size]
+                with take_lock:
+                    if size not in self._take:
+                        self._take[size] = counted(f"take_channels/{size}", take_channels,
+                                                   size=size)
+                    return self._take[size]
             self._take_fn = take
         self._traced = counted("traced_evaluate", self._evaluate_traced)
 
