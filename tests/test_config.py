@@ -82,6 +82,7 @@ def test_wrong_types_name_the_dotted_key_and_the_expected_type(data, needles):
     ({"train": {"epochs": 3, "warmup_epochs": 3}}, "train.warmup_epochs"),
     ({"search": {"population_size": 1}}, "search.population_size"),
     ({"search": {"mutation_rate": 1.5}}, "search.mutation_rate"),
+    ({"search": {"eval_cache_mib": -1}}, "search.eval_cache_mib"),
     ({"search": {"alpha": 0.0}}, "search.alpha"),
     ({"search": {"population_size": 10, "num_parents_mating": 11}}, "search.num_parents_mating"),
     ({"search": {"min_kept_ensembles": 600}}, "search.min_kept_ensembles"),

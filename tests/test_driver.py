@@ -189,6 +189,18 @@ def test_module_stats_fallback():
     assert 0 < stats["macs_fraction"] < 1 and 0 < stats["params_fraction"] < 1
 
 
+def test_fingerprint_ignores_settings_that_cannot_change_the_result(model_dir):
+    _, params, _, _ = ckpt.load_model(model_dir)
+    base = make_config()
+    fp = D.fingerprint(base, {"width": 1.0}, params)
+    for change in ({"checkpoint_every": 7}, {"eval_cache_mib": 0}):
+        other = dataclasses.replace(base, search=dataclasses.replace(base.search, **change))
+        assert D.compare_fingerprints(fp, D.fingerprint(other, {"width": 1.0}, params)) == []
+    other = dataclasses.replace(base, search=dataclasses.replace(base.search, share_first_conv=False))
+    assert D.compare_fingerprints(fp, D.fingerprint(other, {"width": 1.0}, params)) == [
+        "search config: share_first_conv None -> False"]
+
+
 def test_compare_fingerprints_names_the_difference():
     a = {"model": {"width": 1.0}, "search": {"population_size": 8}, "data": {}, "params": {"sha256": "x"}}
     b = {"model": {"width": 1.0}, "search": {"population_size": 10}, "data": {}, "params": {"sha256": "y"}}

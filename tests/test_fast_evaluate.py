@@ -347,6 +347,13 @@ def test_backend_selection_and_config(cases):
     cfg = SearchConfig(backend="fast", chunk_individuals=2, chunk_images=9, shard=False)
     from_cfg = E.make_evaluator_from_config(model, cfg)
     assert isinstance(from_cfg, FE.FastEvaluator) and from_cfg.chunk_images == 9
+    assert from_cfg.cache_bytes == 256 * 2**20 and from_cfg.share_first_conv  # the defaults
+    tuned = E.make_evaluator_from_config(model, SearchConfig(
+        backend="fast", shard=False, share_first_conv=False, eval_cache_mib=0))
+    assert tuned.cache_bytes == 0 and not tuned.share_first_conv
+    reference = E.make_evaluator_from_config(model, SearchConfig(backend="reference", shard=False,
+                                                                 eval_cache_mib=0))
+    assert isinstance(reference, E.ReferenceEvaluator)
     assert FE.conv_method((2, 2)) == "dense" and FE.conv_method((1, 1)) == "dense"
     assert FE.conv_method((4, 4)) == "conv" and FE.conv_method((3, 3)) == "conv"
 

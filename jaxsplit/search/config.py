@@ -56,6 +56,11 @@ class SearchConfig:
     backend: Literal["auto", "reference", "fast"] = "auto"
     chunk_individuals: int = 16
     chunk_images: int = 1000
+    # "fast" backend only (search/fast_evaluate.py): run a narrow model's second conv layer once
+    # per group of modules (None: when the first layer has <= 32 kernels), and memory for the
+    # logit rows it reuses when a (class, mask) comes back (0: off; results never depend on it)
+    share_first_conv: bool | None = None
+    eval_cache_mib: int = 256
     shard: bool = True  # split the population over all local devices when there are several (search/sharding.py)
     # driver
     checkpoint_every: int = 5
@@ -77,6 +82,7 @@ class SearchConfig:
                f"must be in [1, max_kept_ensembles={self.max_kept_ensembles}], got {self.min_kept_ensembles}")
         _check(self.chunk_individuals >= 1, "search.chunk_individuals", f"must be >= 1, got {self.chunk_individuals}")
         _check(self.chunk_images >= 1, "search.chunk_images", f"must be >= 1, got {self.chunk_images}")
+        _check(self.eval_cache_mib >= 0, "search.eval_cache_mib", f"must be >= 0, got {self.eval_cache_mib}")
         _check(isinstance(self.shard, bool), "search.shard", f"must be true or false, got {self.shard!r}")
         _check(self.init_temperature > 0, "search.init_temperature", f"must be > 0, got {self.init_temperature}")
         _check(self.checkpoint_every >= 1, "search.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")

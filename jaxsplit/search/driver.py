@@ -70,7 +70,7 @@ MODULARIZE_DIRNAME = "modularize"
 CKPT_DIRNAME = "search_ckpt"
 CKPT_PREFIX = "gen_"
 KEEP_CHECKPOINTS = 2
-FINGERPRINT_EXCLUDED = ("checkpoint_every",)  # search fields that cannot change the result
+FINGERPRINT_EXCLUDED = ("checkpoint_every", "eval_cache_mib")  # cannot change the result
 TIME_KEYS = ("time_s",)
 INIT_STREAM = 2**31 - 1  # fold_in index of the initial-population keys (generations use 0, 1, ...)  # history fields that differ between identical runs
 

@@ -233,7 +233,7 @@ def default_backend(platform: str) -> Literal["reference", "fast"]:
 
 
 def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_individuals: int = 16,
-                   chunk_images: int = 1000) -> Evaluator:
+                   chunk_images: int = 1000, **fast_options) -> Evaluator:
     """An `Evaluator` for `model`.
 
     Args:
@@ -243,6 +243,8 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
         (`default_backend(jax.default_backend())`).
       chunk_individuals: masks evaluated together (bounds peak memory).
       chunk_images: images evaluated together (bounds peak memory).
+      **fast_options: more options of `make_fast_evaluator` (`share_first_conv`,
+        `cache_bytes`, ...), used when the backend is "fast" (ignored by "reference").
 
     Raises:
       EvaluatorBackendError: unknown backend, or "fast" when its module is missing.
@@ -259,19 +261,24 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
             f"use backend='reference' or 'auto'")
     fast = importlib.import_module(FAST_MODULE)
     return fast.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
-                                    chunk_images=chunk_images)
+                                    chunk_images=chunk_images, **fast_options)
 
 
 def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
-    """`make_evaluator` with `SearchConfig.backend`, `chunk_individuals`, `chunk_images`.
+    """`make_evaluator` with `SearchConfig.backend`, `chunk_individuals`, `chunk_images`
+    (and, for the fast backend, `share_first_conv` and `eval_cache_mib`).
 
     With `search_cfg.shard` and more than one local device, the evaluator is
     wrapped by `jaxsplit.search.sharding.shard_evaluator` (population axis
     split over all local devices).
     """
+    fast_options = {}
+    if hasattr(search_cfg, "eval_cache_mib"):
+        fast_options = {"share_first_conv": search_cfg.share_first_conv,
+                        "cache_bytes": int(search_cfg.eval_cache_mib) * 2**20}
     evaluate_fn = make_evaluator(model, search_cfg.backend,
                                  chunk_individuals=search_cfg.chunk_individuals,
-                                 chunk_images=search_cfg.chunk_images)
+                                 chunk_images=search_cfg.chunk_images, **fast_options)
     if getattr(search_cfg, "shard", False) and jax.local_device_count() > 1:
         from jaxsplit.search.sharding import shard_evaluator  # late: sharding imports this module
 
