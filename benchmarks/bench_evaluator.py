@@ -269,10 +269,7 @@ def uncached_evaluator(model, backend: str):
     and memory sections call it again on masks it has seen (warm-up, repeats), which the cache
     would answer without running anything. The generation section keeps the cache (a GA's
     kept parents really do come back)."""
-    evaluate_fn = eval_lib.make_evaluator(model, backend)
-    if hasattr(evaluate_fn, "cache_bytes"):
-        evaluate_fn.cache_bytes = 0
-    return evaluate_fn
+    return eval_lib.make_evaluator(model, backend, cache_bytes=0)  # ignored by "reference"
 
 
 def _jax_point(model, params, backend: str, masks_list, images, classes) -> dict[str, Any]:

@@ -272,13 +272,11 @@ def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
     wrapped by `jaxsplit.search.sharding.shard_evaluator` (population axis
     split over all local devices).
     """
-    fast_options = {}
-    if hasattr(search_cfg, "eval_cache_mib"):
-        fast_options = {"share_first_conv": search_cfg.share_first_conv,
-                        "cache_bytes": int(search_cfg.eval_cache_mib) * 2**20}
     evaluate_fn = make_evaluator(model, search_cfg.backend,
                                  chunk_individuals=search_cfg.chunk_individuals,
-                                 chunk_images=search_cfg.chunk_images, **fast_options)
+                                 chunk_images=search_cfg.chunk_images,
+                                 share_first_conv=search_cfg.share_first_conv,
+                                 cache_bytes=int(search_cfg.eval_cache_mib) * 2**20)
     if getattr(search_cfg, "shard", False) and jax.local_device_count() > 1:
         from jaxsplit.search.sharding import shard_evaluator  # late: sharding imports this module
 

@@ -471,6 +471,13 @@ def default_num_workers() -> int:
     return max(1, min(cores, MAX_WORKERS))
 
 
+def _same_arrays(current: tuple, cached: tuple) -> bool:
+    """Whether `current` are the very `cached` jax arrays (immutable, so same object = same
+    values); numpy inputs never match (they can change in place)."""
+    return (len(current) == len(cached) and all(isinstance(x, jax.Array) for x in current)
+            and all(a is b for a, b in zip(current, cached)))
+
+
 def _image_chunks(num_images: int, chunk_images: int) -> tuple[int, int]:
     """`(num_chunks, chunk_size)`: equal chunks of at most `chunk_images` covering N."""
     num = -(-num_images // chunk_images)
@@ -534,7 +541,7 @@ class FastEvaluator:
                 "layer's output; this model has none")
         self.share_first_conv = bool(share_first_conv)
         self._index = {name: i for i, name in enumerate(self.spec.names)}
-        self._prepared_cache: tuple[list, dict] | None = None
+        self._prepared_cache: tuple[tuple, dict | None] = ((), None)
 
         def counted(name, fn, **static):
             def traced(*args):
@@ -614,18 +621,15 @@ class FastEvaluator:
         if capacity == 0:
             return self._evaluate_host(params, flat_masks, images, row_class)
         inputs = (images, *jax.tree_util.tree_leaves(params))
-        cacheable = all(isinstance(x, jax.Array) for x in inputs)
         bits = np.packbits(np.concatenate([flat_masks[n] for n in self.spec.names], axis=1),
                            axis=1)
         keys = [row_class[m].tobytes() + bits[m].tobytes() for m in range(len(row_class))]
         todo: dict[bytes, int] = {}  # key -> first row index, for the rows not in the cache
         cached: dict[bytes, np.ndarray] = {}
         with self._cache_lock:  # the sharded wrapper calls one evaluator from several threads
-            same = cacheable and len(inputs) == len(self._cache_inputs) and all(
-                a is b for a, b in zip(inputs, self._cache_inputs))
-            if not same:
+            if not _same_arrays(inputs, self._cache_inputs):
                 self._cache.clear()
-                self._cache_inputs = inputs if cacheable else ()
+                self._cache_inputs = inputs
             for m, key in enumerate(keys):
                 if key in self._cache:
                     cached[key] = self._cache[key]
@@ -645,8 +649,7 @@ class FastEvaluator:
         with self._cache_lock:
             self.cache_stats["misses"] += len(todo)
             self.cache_stats["hits"] += len(keys) - len(todo)
-            if cacheable and len(self._cache_inputs) == len(inputs) and all(
-                    a is b for a, b in zip(inputs, self._cache_inputs)):
+            if _same_arrays(inputs, self._cache_inputs):  # (another thread may have reset it)
                 for key, row in fresh.items():
                     self._cache[key] = row.copy()  # not a view: evicting frees it
                 while len(self._cache) > capacity:
@@ -680,19 +683,20 @@ class FastEvaluator:
                       for start in range(0, total, self.chunk_individuals)]
 
         def extract(members):
-            modules = [self._extract(prepared, plans, m, int(row_class[m])) for m in members]
-            group = self._group_weights(prepared, plans, members) if shared else None
-            sizes = [module.pop("size1", None) for module in modules]  # static: stays on host
-            offsets = None
-            if group is not None:  # host ints: indexing a device array would wait on the queue
-                group, offsets = group[:2], [np.int32(o) for o in group[2]]
-            modules, group = jax.device_put((modules, group))
-            for module, size in zip(modules, sizes):
-                module["size1"] = size
-            return modules, (None if group is None else (*group, offsets))
+            """`(device modules, group)`; group = `((kernel, bias) on device, [(offset, B1)]
+            host ints per member)` with `share_first_conv`, else None."""
+            modules = jax.device_put([self._extract(prepared, plans, m, int(row_class[m]))
+                                      for m in members])
+            if not shared:
+                return modules, None
+            kernel, bias, offsets = self._group_weights(prepared, plans, members)
+            # host ints: indexing a device array here would wait on the device queue
+            pieces = [(np.int32(o), int(plans[self.spec.layers[1].name].sizes[m]))
+                      for o, m in zip(offsets, members)]
+            return modules, (jax.device_put((kernel, bias)), pieces)
 
-        def run(start, module, offset=None):  # one module on one chunk, on a worker thread
-            return np.asarray(self._forward(start, module, offset))
+        def run(start, module, piece=None):  # one module on one chunk, on a worker thread
+            return np.asarray(self._forward(start, module, piece))
 
         modules, group = extract(groups[0])
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
@@ -702,9 +706,9 @@ class FastEvaluator:
                     pre = self._first(jax.lax.slice_in_dim(images, c * chunk, (c + 1) * chunk),
                                       *first_weights)
                     if shared:  # the second conv layer of all members at once
-                        y = self._shared_first(pre, group[0], group[1])
-                        pending = [(m, c, pool.submit(run, y, module, group[2][j]))
-                                   for j, (m, module) in enumerate(zip(members, modules))]
+                        y = self._shared_first(pre, *group[0])
+                        pending = [(m, c, pool.submit(run, y, module, piece))
+                                   for m, module, piece in zip(members, modules, group[1])]
                     else:
                         pending = [(m, c, pool.submit(run, pre, module))
                                    for m, module in zip(members, modules)]
@@ -721,12 +725,10 @@ class FastEvaluator:
     def _prepared(self, params) -> dict[str, Any]:
         """`prepare_params` on the host, reused while the same (immutable) param arrays come
         back (the search passes the same params every generation)."""
-        leaves = jax.tree_util.tree_leaves(params)
-        cached = self._prepared_cache
-        if cached is not None and len(cached[0]) == len(leaves) and all(
-                a is b for a, b in zip(cached[0], leaves)) and all(
-                isinstance(x, jax.Array) for x in leaves):
-            return cached[1]
+        leaves = tuple(jax.tree_util.tree_leaves(params))
+        cached_leaves, cached = self._prepared_cache
+        if cached is not None and _same_arrays(leaves, cached_leaves):
+            return cached
         prepared = prepare_params(self.model, jax.device_get(params))
         self._prepared_cache = (leaves, prepared)
         return prepared
@@ -748,9 +750,8 @@ class FastEvaluator:
         size = {l.name: int(plans[l.name].sizes[m]) for l in layers}
         first = layers[0]
         skip = 2 if self.share_first_conv else 1
-        module = {"cols0": plans[first.name].cols[m, :size[first.name]]}
-        if self.share_first_conv:
-            module = {"size1": size[layers[1].name]}
+        module = {} if self.share_first_conv else {
+            "cols0": plans[first.name].cols[m, :size[first.name]]}
         for prev, layer in zip(layers[skip - 1:-1], layers[skip:]):
             module[layer.name] = gather_conv(
                 *prepared[layer.name], plans[prev.name].slots[m, :size[prev.name]],
@@ -762,18 +763,19 @@ class FastEvaluator:
         return module
 
     def _forward(self, start: jax.Array, module: Mapping[str, Any],
-                 offset: jax.Array | None = None) -> jax.Array:
+                 piece: tuple[np.int32, int] | None = None) -> jax.Array:
         """One module on one image chunk -> logits `(n,)`.
 
         `start` is the shared first pre-activation `(n, H, W, K0)`, or with
         `share_first_conv` the group's `shared_first_conv` output, of which the
-        module's layer-1 output is `size1` channels from `offset`.
+        module's layer-1 output is `piece = (offset, B1)`: B1 channels from offset.
         """
         layers = self.spec.layers
-        if offset is None:
+        if piece is None:
             outputs = [self._first_block[layers[0].pool](start, module["cols0"])]
         else:  # layer 0's output is never read again (`can_share_first_conv`)
-            outputs = [None, self._take_fn(int(module["size1"]))(start, offset)]
+            offset, size = piece
+            outputs = [None, self._take_fn(size)(start, offset)]
         x = outputs[-1]
         for layer in layers[len(outputs):]:
             kernel, bias = module[layer.name]
