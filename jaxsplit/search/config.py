@@ -42,7 +42,7 @@ class SearchConfig:
     init_ratios_other: tuple[float, ...] | None = None
     # softmax((n - 1 - group) / init_temperature) picks the initial groups (reference 10; with
     # 10-group layers that is a weak preference for the important groups, see encoding.py)
-    init_temperature: float = 10.0
+    init_temperature: float = 10.0  # = encoding.REFERENCE_INIT_TEMPERATURE (not imported: no jax here)
     importance_confidence: float = 0.9
     sensitivity: bool = False  # compute layer-sensitivity curves (and pick sensitive layers when unset)
     empty_layer: Literal["repair", "kernel0"] = "repair"  # empty layer: force its top group on / keep kernel 0 (reference)

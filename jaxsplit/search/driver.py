@@ -351,7 +351,7 @@ def initial_population(key: jax.Array, problem: SearchProblem, population_size: 
     """Heuristic initial genomes `(C, P, G)` bool (SPEC §4)."""
     return enc_lib.init_population(key, problem.enc, population_size, settings["sensitive"],
                                    settings["ratios_sensitive"], settings["ratios_other"],
-                                   settings.get("temperature", 10.0))
+                                   settings["temperature"])
 
 
 # -- fingerprint, checkpoints -------------------------------------------------
@@ -820,7 +820,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         "per_class": per_class, "sensitive_layers": list(settings["sensitive"]),
         "init_ratios": {"sensitive": list(settings["ratios_sensitive"]),
                         "other": list(settings["ratios_other"]),
-                        "temperature": settings.get("temperature", 10.0)},
+                        "temperature": settings["temperature"]},
         "importance_fallback_classes": list(result.fallback_classes),
         "compile_time_s": compile_time, "importance_time_s": importance_time,
         "mean_generation_time_s": float(np.mean(times[1:] if len(times) > 1 else times)) if times else None,

@@ -53,6 +53,10 @@ from jaxsplit.models.convnet import ConvSpec
 
 EmptyLayer = Literal["none", "kernel0"]
 
+# The reference's softmax temperature over importance-ranked groups in the initial population
+# (`search.init_temperature`, see `init_population`).
+REFERENCE_INIT_TEMPERATURE = 10.0
+
 # Reference initial-population settings per model family (CNNSplitter configures/*_cifar10.py).
 # Sensitive layers are 0-based conv indices; a tie group is sensitive if any member is.
 REFERENCE_INIT = {
@@ -307,7 +311,8 @@ def sensitive_free_layers(enc: Encoding, sensitive: Sequence[int | str]) -> tupl
 
 def init_population(key: jax.Array, enc: Encoding, population_size: int,
                     sensitive_layers: Sequence[int | str], ratios_sensitive: Sequence[float],
-                    ratios_other: Sequence[float], temperature: float = 10.0) -> jax.Array:
+                    ratios_other: Sequence[float],
+                    temperature: float = REFERENCE_INIT_TEMPERATURE) -> jax.Array:
     """Heuristic initial genomes of every class (SPEC §4).
 
     For each class, individual and layer: draw an active ratio r uniformly
@@ -346,7 +351,7 @@ def init_population(key: jax.Array, enc: Encoding, population_size: int,
 @partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _init_population(key: jax.Array, enc: Encoding, population_size: int, sens: tuple[str, ...],
                      ratios_sensitive: tuple[float, ...], ratios_other: tuple[float, ...],
-                     temperature: float = 10.0) -> jax.Array:
+                     temperature: float) -> jax.Array:
     shape = (enc.num_classes, population_size)
     k_ratio, k_gumbel = jax.random.split(key)
     # One draw for all layers (fewer PRNG kernels to compile): a ratio index per layer and a
@@ -376,7 +381,7 @@ def reference_init_settings(model_name: str, search_cfg=None) -> dict:
     """
     ref = REFERENCE_INIT.get(model_name, {**REFERENCE_INIT["simcnn"], "sensitive": ()})
     out = {"sensitive": tuple(ref["sensitive"]), "ratios_sensitive": tuple(ref["ratios_sensitive"]),
-           "ratios_other": tuple(ref["ratios_other"]), "temperature": 10.0}
+           "ratios_other": tuple(ref["ratios_other"]), "temperature": REFERENCE_INIT_TEMPERATURE}
     if search_cfg is not None:
         if search_cfg.sensitive_layers is not None:
             out["sensitive"] = tuple(search_cfg.sensitive_layers)
@@ -384,7 +389,7 @@ def reference_init_settings(model_name: str, search_cfg=None) -> dict:
             out["ratios_sensitive"] = tuple(search_cfg.init_ratios_sensitive)
         if search_cfg.init_ratios_other is not None:
             out["ratios_other"] = tuple(search_cfg.init_ratios_other)
-        out["temperature"] = float(getattr(search_cfg, "init_temperature", 10.0))
+        out["temperature"] = float(search_cfg.init_temperature)
     return out
 
 
@@ -401,7 +406,8 @@ def kept_fraction_of_genes(enc: Encoding, genes: jax.Array) -> jax.Array:
 
 
 __all__ = [
-    "Encoding", "EncodingError", "REFERENCE_INIT", "build_encoding", "decode", "encode",
+    "Encoding", "EncodingError", "REFERENCE_INIT", "REFERENCE_INIT_TEMPERATURE", "build_encoding",
+    "decode", "encode",
     "encoding_from_config", "encoding_from_ranks", "expected_genes", "genome_order", "groups_for",
     "init_population", "kept_fraction_of_genes", "layer_counts", "reference_init_settings",
     "repair", "sensitive_free_layers",
