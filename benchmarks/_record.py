@@ -10,8 +10,8 @@ from pathlib import Path
 
 from jaxsplit.train import machine_info
 
-SHARED_CPU_NOTE = ("timings on a 2-core CPU shared with other jobs (see the load averages: above 2 means "
-                   "fewer than 2 cores were free), so they are pessimistic")
+LOAD_NOTE = ("other jobs on the machine slow timings down: load averages above the core count "
+             "before or after mean fewer free cores than cores, and pessimistic timings")
 
 
 def save_record(path: str | Path, record: dict, load_before: Sequence[float],
@@ -26,7 +26,7 @@ def save_record(path: str | Path, record: dict, load_before: Sequence[float],
         **record,
         "machine": {**machine_info(), "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in (load_after or os.getloadavg())]},
-        "note": SHARED_CPU_NOTE,
+        "note": LOAD_NOTE,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out = Path(path)

@@ -20,15 +20,16 @@ for the primary (first-listed, chosen beforehand) calibration. Nothing is tuned 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from jaxsplit import config as jconfig
 from jaxsplit import patch
-from jaxsplit.train import machine_info
+
+from _record import save_record  # benchmarks/ (the script's folder) is on sys.path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "patch.json"
 _SUMMARY_KEYS = ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy", "accuracy", "tc_ece")
@@ -56,12 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.patch.task != "self" or cfg.data.name != "fashion_mnist":
         parser.error(f"this benchmark is the Fashion-MNIST 'self' task; the run has data.name="
                      f"{cfg.data.name!r}, patch.task={cfg.patch.task!r}")
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     results = patch.run_patch(run_dir, cfg, progress=not args.no_progress)
     doc = {
         "benchmark": "patch_fashion_mnist",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
         "run_dir": str(run_dir),
         "overrides": list(args.overrides),
         "protocol": results["protocol"],
@@ -98,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["acceptance_poor_fit"] = {
             kind: patch.acceptance(avg, results["primary_calibration"])
             for kind, avg in results["average_poor_fit"].items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2))
-    print(f"wrote {args.out}")
+    out = save_record(args.out, doc, load_before)
+    print(f"wrote {out}")
     for label, acc in [("weak models", results["acceptance"])] + sorted(doc.get("acceptance_poor_fit", {}).items()):
         print(f"{label}: {'PASSED' if acc['passed'] else 'NOT passed'} ({acc['calibration']}: precision "
               f"{100 * acc['delta_tc_precision']:+.2f}, recall {100 * acc['delta_tc_recall']:+.2f}, "

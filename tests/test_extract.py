@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_params
 from jaxsplit import extract as E
 from jaxsplit import masks as masks_lib
 from jaxsplit.models import (
@@ -17,6 +16,7 @@ from jaxsplit.models import (
     conv_macs,
     count_params,
     head_macs,
+    random_params,
     rescnn,
     simcnn,
     weak_cnn,

@@ -9,7 +9,7 @@ import pytest
 
 from jaxsplit import importance as imp_lib
 from jaxsplit import masks as M
-from jaxsplit.models.convnet import ConvLayerDef, ConvNet, simcnn, weak_cnn
+from jaxsplit.models.convnet import ConvLayerDef, ConvNet, random_params, simcnn, weak_cnn
 from jaxsplit.search import driver as D
 from jaxsplit.search import evaluate as E
 from jaxsplit.search import fast_evaluate as FE
@@ -34,24 +34,6 @@ MODELS = {
     "weak": lambda: weak_cnn(num_classes=6, in_channels=1, width=0.25, image_size=28),  # 7x7, 3x3
     "residual": tiny_residual,
 }
-
-
-def random_params(model: ConvNet, seed: int) -> dict:
-    """He-scaled random params of `model`'s shapes, logits O(1) (built with numpy: flax's init
-    of a 13-layer net compiles for seconds)."""
-    rng = np.random.default_rng(seed)
-    spec = model.conv_spec()
-    params = {}
-    for l in spec.layers:
-        params[l.name] = {"kernel": rng.normal(size=(3, 3, l.in_channels, l.num_kernels)) *
-                          np.sqrt(2.0 / (9 * l.in_channels)),
-                          "bias": rng.normal(size=l.num_kernels) * 0.1}
-    widths = model.head_widths()
-    for j in range(len(widths) - 1):
-        params[f"fc_{len(spec.layers) + j}"] = {
-            "kernel": rng.normal(size=(widths[j], widths[j + 1])) * np.sqrt(2.0 / widths[j]),
-            "bias": rng.normal(size=widths[j + 1]) * 0.1}
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def random_masks(model: ConvNet, keep: float, seed: int, batch=(C, P)) -> dict:

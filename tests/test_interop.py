@@ -8,8 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import random_params
-from jaxsplit.models import ConvLayerDef, ConvNet, rescnn, simcnn, weak_cnn
+from jaxsplit.models import ConvLayerDef, ConvNet, random_params, rescnn, simcnn, weak_cnn
 
 TOL = 1e-4
 

@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_params
 from jaxsplit import masks as M
-from jaxsplit.models import rescnn, simcnn, weak_cnn
+from jaxsplit.models import random_params, rescnn, simcnn, weak_cnn
 
 ARCHS = {
     "simcnn": lambda: simcnn(num_classes=10, in_channels=1, width=0.0625),

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import random_params
 from jaxsplit.models import (
     ConvLayerDef,
     ConvNet,
@@ -19,6 +18,7 @@ from jaxsplit.models import (
     count_params,
     head_macs,
     init_params,
+    random_params,
     rescnn,
     simcnn,
     weak_cnn,
