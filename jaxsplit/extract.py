@@ -333,7 +333,18 @@ def _class_check(graph: Graph, target_class: int | None) -> None:
 
 
 def _module_apply(graph: Graph, buckets: dict[str, int], target_class: int | None):
-    """`fn(module_variables, x)` for modules with `buckets[rep]` channels per tie group."""
+    """`fn(module_variables, x)` for modules with `buckets[rep]` channels per tie group.
+
+    One function object per (buckets, target_class), cached on the graph, so
+    `jax.jit(module_apply)` compiles once for all modules of the same sizes.
+    """
+    key = (tuple(sorted(buckets.items())), target_class)
+    if key not in graph._modules:
+        graph._modules[key] = _make_module_apply(graph, dict(buckets), target_class)
+    return graph._modules[key]
+
+
+def _make_module_apply(graph: Graph, buckets: dict[str, int], target_class: int | None):
 
     def module_apply(module_variables: Mapping, x: jax.Array) -> jax.Array:
         """Module output: `(N,)` class logit with a target class, else `(N, C)`."""

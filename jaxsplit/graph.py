@@ -971,6 +971,7 @@ class Graph:
     leaf_shapes: Any = dataclasses.field(repr=False)  # ShapeDtypeStruct tree of variables
     input_dtype: Any = dataclasses.field(repr=False, default=jnp.float32)
     _plans: dict = dataclasses.field(default_factory=dict, repr=False)
+    _modules: dict = dataclasses.field(default_factory=dict, repr=False)  # module_apply cache
 
     # -- ConvSpec duck API
     @property

@@ -23,26 +23,50 @@ MODELS = {
 }
 
 
-def seeded_masks(graph, num=NUM_MASKS):
-    """`num` random tied masks; seed s keeps a single kernel in free site s % len(free)."""
-    out = []
+def seeded_masks(graph, num=NUM_MASKS, profiles=1):
+    """`num` random tied masks with `profiles` distinct kept-count profiles.
+
+    A profile fixes how many kernels each free site keeps (one site keeps a
+    single kernel, a different one per profile); mask s takes profile
+    s % profiles and draws the kept positions at random. Few profiles mean
+    few extracted module shapes, so few compiles.
+    """
     free = graph.free_layers
+    counts = []
+    for p in range(profiles):
+        rng = np.random.default_rng(1000 + p)
+        c = {n: int(rng.integers(1, graph.layer(n).num_kernels + 1)) for n in free}
+        c[free[(len(free) // 2 + p) % len(free)]] = 1
+        counts.append(c)
+    out = []
     for seed in range(num):
         rng = np.random.default_rng(seed)
         m = {}
         for n in free:
             k = graph.layer(n).num_kernels
-            v = rng.random(k) < rng.uniform(0.2, 0.9)
-            v[rng.integers(k)] = True
+            v = np.zeros(k, bool)
+            v[rng.permutation(k)[: counts[seed % profiles][n]]] = True
             m[n] = v
-        one = free[seed % len(free)]
-        m[one] = np.arange(graph.layer(one).num_kernels) == rng.integers(graph.layer(one).num_kernels)
         out.append(M.tie(m, graph))
     return out
 
 
+PROFILES = {"simcnn": 1, "rescnn": 1, "resnet_like": 2, "inception_like": 3}
+
+
 def stack(masks):
     return {n: jnp.asarray(np.stack([m[n] for m in masks])) for n in masks[0]}
+
+
+_MASKED: dict = {}
+
+
+def masked_outputs(name, graph, variables, masks, x):
+    """`masked_apply` of the stacked masks (one compile per model, shared by the tests)."""
+    if name not in _MASKED:
+        fn = jax.jit(jax.vmap(jaxsplit.masked_apply(graph), (None, 0, None)))
+        _MASKED[name] = fn(variables, stack(masks), x)
+    return _MASKED[name]
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -55,22 +79,23 @@ def setup(request):
 
 def test_extract_equals_masked_apply_and_apply_masks(setup):
     name, model, variables, x, graph = setup
-    masks = seeded_masks(graph)
+    masks = seeded_masks(graph, profiles=PROFILES[name])
     for m in masks:
         M.validate(m, graph)
         assert any(int(v.sum()) == 1 for v in m.values())
     batched = stack(masks)
-    masked = jax.jit(jax.vmap(jaxsplit.masked_apply(graph), (None, 0, None)))(variables, batched, x)
+    masked = masked_outputs(name, graph, variables, masks, x)
     weighted = jax.jit(jax.vmap(lambda m: model.apply(jaxsplit.apply_masks(graph, variables, m),
                                                       x)))(batched)
     np.testing.assert_allclose(weighted, masked, atol=1e-5, rtol=1e-5)
     assert masked.shape == (NUM_MASKS, x.shape[0], 3)
 
-    targets = [None if i % 2 == 0 else i % 3 for i in range(NUM_MASKS)]
+    targets = [None if i % 2 == 0 else 1 for i in range(NUM_MASKS)]
     modules = [jaxsplit.extract(graph, variables, m, target_class=t) for m, t in zip(masks, targets)]
     fns = [fn for fn, _ in modules]
-    small = jax.jit(lambda mvs, xx: [fn(mv, xx) for fn, mv in zip(fns, mvs)])(
-        [mv for _, mv in modules], x)
+    shapes = {(i % PROFILES[name], t) for i, t in enumerate(targets)}
+    assert len({id(fn) for fn in fns}) == len(shapes)  # one cached module_apply per shape
+    small = [jax.jit(fn)(mv, x) for fn, mv in modules]
     for i, (m, t, (_, mv), out) in enumerate(zip(masks, targets, modules, small)):
         want = masked[i] if t is None else masked[i][:, t]
         assert out.shape == want.shape
@@ -92,7 +117,7 @@ def test_extract_equals_masked_apply_and_apply_masks(setup):
 
 def test_gather_padded_buckets_under_vmap(setup):
     name, model, variables, x, graph = setup
-    masks = seeded_masks(graph)
+    masks = seeded_masks(graph, profiles=PROFILES[name])
     buckets = {n: graph.layer(n).num_kernels for n in graph.free_layers}
 
     def padded(m):
@@ -112,8 +137,7 @@ def test_gather_padded_buckets_under_vmap(setup):
         return fn(mv, x)
 
     got = jax.jit(jax.vmap(one))(idx, val)
-    want = jax.jit(jax.vmap(jaxsplit.masked_apply(graph), (None, 0, None)))(
-        variables, stack(masks), x)
+    want = masked_outputs(name, graph, variables, masks, x)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
