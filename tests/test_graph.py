@@ -287,3 +287,28 @@ def test_other_batch_sizes_and_jit():
     for n in (5,):
         xx = jax.random.normal(jax.random.key(n), (n, 8, 8, 3))
         np.testing.assert_allclose(fn(variables, full, xx), ref(variables, xx), atol=1e-5)
+
+
+def test_channel_first_flatten_and_shared_conv():
+    class NCHWHead(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.Conv(3, (3, 3), name="shared")
+            h = nn.relu(conv(nn.relu(nn.Conv(3, (3, 3), name="first")(x))))
+            h = nn.tanh(conv(h))  # the same kernel applied twice: one site, tied to itself
+            h = jnp.transpose(h, (0, 3, 1, 2)).reshape((h.shape[0], -1))  # NCHW flatten
+            return nn.Dense(2, name="fc")(h)
+
+    model = NCHWHead()
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    variables = random_variables(model, x, 0)
+    graph = jaxsplit.trace(model.apply, variables, x)
+    assert graph.names == ("first", "shared")
+    assert graph.ties == (("first", "shared"),)  # shared's input and output channels are one axis
+    (fc,) = [c for c in graph.layer("shared").consumers if c.kind == "dense"]
+    assert fc.layout == "first[3]x16"
+    mask = {"first": jnp.array([False, True, True]), "shared": jnp.array([False, True, True])}
+    fn, mv = jaxsplit.extract(graph, variables, mask)
+    assert mv["params"]["fc"]["kernel"].shape == (32, 2)
+    np.testing.assert_allclose(jax.jit(fn)(mv, x),
+                               jax.jit(M.masked_apply(graph))(variables, mask, x), atol=1e-5)
