@@ -362,11 +362,11 @@ class _Ctx:
         stack = str(eqn.source_info.name_stack) or "<top level>"
         leaves = sorted({self.leaf_name(l) for i in infos if i.pdep and i.prov
                          for p in i.prov if p != OPAQUE for l, _ in p})
-        sites = sorted({self.leaf_name(g) if g >= 0 else "classifier"
+        sites = sorted({_site_name(self.leaf_paths[g]) if g >= 0 else "a Dense output"
                         for i in infos for lay in i.lab if lay is not None for g in _groups(lay)})
         txt = f" in module `{stack}`"
         if sites:
-            txt += f" on channels of the conv(s) {', '.join(s.rsplit('/', 1)[0] for s in sites)}"
+            txt += f" on the channels of site(s) {', '.join(sites)}"
         if leaves:
             txt += f" (variables {', '.join(leaves)})"
         return txt

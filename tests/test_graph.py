@@ -312,3 +312,18 @@ def test_channel_first_flatten_and_shared_conv():
     assert mv["params"]["fc"]["kernel"].shape == (32, 2)
     np.testing.assert_allclose(jax.jit(fn)(mv, x),
                                jax.jit(M.masked_apply(graph))(variables, mask, x), atol=1e-5)
+
+
+def test_encoding_takes_a_graph():
+    from jaxsplit.search import encoding as enc_lib
+
+    model, variables, x = resnet_like()
+    graph = jaxsplit.trace(model.apply, variables, x)
+    rng = np.random.default_rng(0)
+    importance = {n: rng.random((3, graph.layer(n).num_kernels)) for n in graph.names}
+    enc = enc_lib.build_encoding(graph, importance)
+    genes = jnp.asarray(rng.random((3, enc.num_genes)) < 0.5)
+    mask = enc_lib.decode(enc, genes, empty="none")
+    assert set(mask) == set(graph.names)
+    assert np.array_equal(mask["block1/conv2"], mask["block0/conv2"])
+    assert np.array_equal(enc_lib.encode(enc, mask), genes)
