@@ -327,3 +327,33 @@ def test_encoding_takes_a_graph():
     assert set(mask) == set(graph.names)
     assert np.array_equal(mask["block1/conv2"], mask["block0/conv2"])
     assert np.array_equal(enc_lib.encode(enc, mask), genes)
+
+
+@jax.custom_vjp
+def _leaky(x):
+    return jnp.where(x > 0, x, 0.1 * x)
+
+
+_leaky.defvjp(lambda x: (_leaky(x), x), lambda x, g: (jnp.where(x > 0, g, 0.1 * g),))
+
+
+def test_sub_jaxprs_remat_custom_vjp_and_jit():
+    class Wrapped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = _leaky(nn.Conv(4, (3, 3), name="a")(x))  # custom_vjp_call
+            h = nn.remat(nn.Conv)(5, (3, 3), name="b")(h)  # remat2
+            h = jax.jit(lambda v: jnp.tanh(v) + 0.5)(h)  # jit, f(0) != 0
+            return nn.Dense(2, name="fc")(jnp.max(h, axis=(1, 2)))
+
+    model = Wrapped()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+    variables = random_variables(model, x, 0)
+    graph = jaxsplit.trace(model.apply, variables, x)
+    assert graph.names == ("a", "b")
+    mask = {"a": jnp.array([True, False, False, True]), "b": jnp.array([0, 1, 1, 0, 1], bool)}
+    want = jax.jit(M.masked_apply(graph))(variables, mask, x)
+    fn, mv = jaxsplit.extract(graph, variables, mask)
+    np.testing.assert_allclose(jax.jit(fn)(mv, x), want, atol=1e-5)
+    weighted = jax.jit(model.apply)(jaxsplit.apply_masks(graph, variables, mask), x)
+    np.testing.assert_allclose(weighted, want, atol=1e-5)
