@@ -376,6 +376,9 @@ def fingerprint(cfg, model_description: Mapping[str, Any], params: Any) -> dict[
     search = jconfig.to_dict(cfg.search)
     for key in FINGERPRINT_EXCLUDED:
         search.pop(key, None)
+    if search.get("method") == "ga":  # GA fingerprints are as before the gradient searcher existed
+        search.pop("method")
+        search.pop("gradient", None)
     return {"model": dict(model_description), "search": search, "data": jconfig.to_dict(cfg.data),
             "params": {"sha256": params_digest(params)}}
 
