@@ -3,6 +3,7 @@
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 from jaxsplit import compose as compose_lib
 from jaxsplit.config import Config, ConfigError, from_dict
+from jaxsplit.graph import trace
+from jaxsplit.masks import masked_apply
 from jaxsplit.models.convnet import ConvLayerDef, ConvNet, random_params
 from jaxsplit.search import driver as D
 from jaxsplit.search import gradient as G
@@ -77,20 +80,20 @@ def test_tied_sites_share_one_mask():
     state = splitter.init(jax.random.key(0))
     assert sorted(state.masks) == ["a", "b"]  # the tied site c has no vector of its own
     free = {"a": jnp.ones((3, 5)).at[1, 2].set(0.0), "b": jnp.ones((3, 3))}
-    got = splitter.scores(v, free, state.heads, x)  # (B, C)
+    got = jax.jit(splitter.scores)(v, free, state.heads, x)  # (B, C)
     module1 = lambda mc: splitter.apply_head(jax.tree_util.tree_map(lambda h: h[1], state.heads),
                                              _linear_apply(v, {"a": free["a"][1], "b": free["b"][1], "c": mc}, x))
     np.testing.assert_allclose(got[:, 1], module1(free["a"][1]), rtol=1e-6)  # c dropped kernel 2 too
     assert not np.allclose(got[:, 1], module1(jnp.ones(5)), rtol=1e-4)
     # the gradient of the one real vector collects both sites' contributions
-    g_tied = jax.grad(lambda m: jnp.sum(splitter.scores(v, {**free, "a": m}, state.heads, x)))(free["a"])
+    g_tied = jax.jit(jax.grad(lambda m: jnp.sum(splitter.scores(v, {**free, "a": m}, state.heads, x))))(free["a"])
 
     def two_sites(ma, mc):
         full = {"a": ma, "b": free["b"], "c": mc}
         logits = jax.vmap(lambda mk: _linear_apply(v, mk, x))(full)  # (C, B, N)
         return jnp.sum(jax.vmap(splitter.apply_head)(state.heads, logits))
 
-    ga, gc = jax.grad(two_sites, argnums=(0, 1))(free["a"], free["a"])
+    ga, gc = jax.jit(jax.grad(two_sites, argnums=(0, 1)))(free["a"], free["a"])
     np.testing.assert_allclose(g_tied, ga + gc, rtol=1e-5, atol=1e-7)
     assert float(jnp.abs(gc).sum()) > 0 and float(jnp.abs(ga).sum()) > 0
     res = splitter.result(state)
@@ -244,3 +247,40 @@ def test_config_defaults_validation_and_ga_fingerprint():
     assert "method" not in fp["search"] and "gradient" not in fp["search"]
     fp_g = D.fingerprint(loaded, {"width": 1.0}, params)
     assert fp_g["search"]["method"] == "gradient" and fp_g["search"]["gradient"]["modular_epochs"] == 14
+
+
+class _BNNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU twice, global average pooling, Dense: a kernel-graph model."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for i, f in enumerate((4, 6)):
+            x = nn.Conv(f, (3, 3), name=f"conv{i}")(x)
+            x = nn.BatchNorm(use_running_average=not train, name=f"bn{i}")(x)
+            x = nn.relu(x)
+        return nn.Dense(NUM_CLASSES, name="head")(x.mean(axis=(1, 2)))
+
+
+def test_batchnorm_model_through_the_kernel_graph(toy):
+    _, _, x, _ = toy
+    net = _BNNet()
+    v = net.init(jax.random.key(0), x[:2])
+    v = {"params": v["params"], "batch_stats": jax.tree_util.tree_map(lambda a: a + 0.5, v["batch_stats"])}
+    apply = functools.partial(net.apply, train=False)
+    graph = trace(apply, v, x[:2])
+    splitter = G.GradSplitter.for_graph(graph, apply, CFG)
+    assert splitter.free == ("conv0", "conv1") and splitter.num_classes == NUM_CLASSES
+    # the real-valued masked apply equals the graph's boolean one (exact removal) on binary masks
+    drop = {"conv0": jnp.ones(4, bool).at[1].set(False), "conv1": jnp.ones(6, bool).at[4].set(False)}
+    fn = jax.jit(G.graph_masked_apply(graph, apply))
+    np.testing.assert_array_equal(fn(v, {k: m.astype(jnp.float32) for k, m in drop.items()}, x),
+                                  jax.jit(masked_apply(graph, apply))(v, drop, x))
+    np.testing.assert_allclose(fn(v, {k: jnp.ones(n) for k, n in graph.num_kernels.items()}, x),
+                               apply(v, x), rtol=1e-5, atol=1e-5)
+    # one mask-phase step: the masks get a gradient through BatchNorm, the variables stay frozen
+    y = jnp.argmax(apply(v, x), -1)
+    state = splitter.begin_epoch(splitter.init(jax.random.key(0)).replace(epoch=jnp.asarray(1, jnp.int32)))
+    assert int(state.phase) == 1
+    new, metrics = splitter.step(state, _batch(x[:16], y[:16]), v)
+    assert all(not np.array_equal(new.masks[k], state.masks[k]) for k in new.masks)
+    assert np.isfinite(float(metrics["loss"]))

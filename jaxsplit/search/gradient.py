@@ -17,7 +17,7 @@ Everything is generic over the model: the searcher needs only
   `num_kernels` (dict), `ties`, `representative(name)`, `free_layers`.
 
 For jaxsplit's `ConvNet`: `GradSplitter.for_convnet(model, num_classes, cfg)`; for any traced
-model: `GradSplitter.for_graph(graph, apply_fn, cfg)` (uses `jaxsplit.masked_apply`).
+model: `GradSplitter.for_graph(graph, apply_fn, cfg)` (uses `jaxsplit.masks.masked_apply`).
 
 Style (evosax/optax): the structure lives in the `GradSplitter` object, everything that changes
 in an explicit `GradState` (a `flax.struct` dataclass):
@@ -257,11 +257,7 @@ class GradSplitter:
           graph: `jaxsplit.trace(apply_fn, variables, example_x)`.
           apply_fn: `(variables, x) -> logits (B, N)`, the traced inference apply.
         """
-        import jaxsplit
-
-        if not hasattr(jaxsplit, "masked_apply"):
-            raise GradientError("this jaxsplit has no masked_apply (the kernel graph); use for_convnet")
-        fn = jaxsplit.masked_apply(graph, apply_fn)
+        fn = graph_masked_apply(graph, apply_fn)
         n = getattr(graph, "num_outputs", None) if num_classes is None else num_classes
         if n is None:
             raise GradientError("the graph does not give num_outputs; pass num_classes")
@@ -513,6 +509,35 @@ class GradSplitter:
         """`x -> (B,)` score of module c: the `module_apply` for `jaxsplit.compose.compose`."""
         head, mask = result.head_params_of(c), result.mask_of(c)
         return lambda x: self.module_score(variables, head, mask, x)
+
+
+def graph_masked_apply(graph: Any, apply_fn: Callable | None = None) -> MaskedApplyFn:
+    """`jaxsplit.masks.masked_apply` for real-valued masks (differentiable in the masks).
+
+    `masks.masked_apply` takes boolean masks only; the searcher multiplies the channels by
+    straight-through 0/1 floats and needs the gradient. Same traced evaluation: each consumer's
+    input is multiplied by its channels' mask (tied sites read the representative's vector).
+
+    Returns:
+      `fn(variables, {site: float[K_site]}, x) -> logits (B, N)`.
+    """
+    from jaxsplit import graph as graph_lib
+    from jaxsplit import masks as masks_lib
+
+    fn_ = graph.apply_fn if apply_fn is None else apply_fn
+
+    def fn(variables, mask, x):
+        for n in graph.names:
+            if n not in mask:
+                raise GradientError(f"masks have no entry for site {n}; expected one per site {list(graph.names)}")
+            chex.assert_shape(mask[n], (graph.num_kernels[n],), custom_message=f"mask of {n}")
+        plan = graph.plan(tuple(x.shape), x.dtype, fn_)
+        leaves = masks_lib._check_variables(graph, variables, plan)
+        gid = graph.group_of(plan)
+        vectors = {gid[n]: jnp.asarray(mask[n], jnp.float32) for n in graph.free_layers}
+        return graph_lib.evaluate(graph, plan, leaves, x, vectors=vectors)
+
+    return fn
 
 
 def _padded(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, size: int):
