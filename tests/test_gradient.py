@@ -284,3 +284,39 @@ def test_batchnorm_model_through_the_kernel_graph(toy):
     new, metrics = splitter.step(state, _batch(x[:16], y[:16]), v)
     assert all(not np.array_equal(new.masks[k], state.masks[k]) for k in new.masks)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_modularize_with_method_gradient(tmp_path):
+    from jaxsplit import checkpoint as ckpt
+    from jaxsplit import config as jconfig
+    from jaxsplit import pipeline
+    from jaxsplit.data.dataset import Dataset
+    from jaxsplit.search import gradient_driver as GD
+
+    cfg = jconfig.from_dict(jconfig.Config, {
+        "name": "g", "model": {"name": "weak_cnn", "width": 0.125}, "data": {"image_size": 8},
+        "search": {"method": "gradient", "checkpoint_every": 1, "seed": 1,
+                   "gradient": {"head_epochs": 1, "modular_epochs": 2, "cycle_mask_epochs": 1,
+                                "cycle_head_epochs": 1, "batch_size": 32}}})
+    model = pipeline.build_model(cfg.model, NUM_CLASSES, 1, cfg.data.image_size)
+    params = random_params(model, 2)
+    ckpt.save_model(tmp_path, params, cfg, {}, model=model)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(96, cfg.data.image_size, cfg.data.image_size, 1)).astype(np.float32)
+    y = np.asarray(jnp.argmax(jax.jit(model.apply)({"params": params}, x), -1))
+    ds = lambda s: Dataset.from_arrays(x[s], y[s], num_classes=NUM_CLASSES)
+    data = (ds(slice(0, 64)), ds(slice(64, 80)), ds(slice(80, 96)))
+    summary = D.run_modularize(tmp_path, cfg, progress=False, data=data)
+    out = tmp_path / "modularize"
+    assert {"masks.npz", "heads.npz", "history.json", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert [d for d, _ in G.list_checkpoints(out / "search_ckpt")] == [2, 3]
+    assert summary["method"] == "gradient" and summary["epochs_run"] == 3
+    assert summary["model_valid_accuracy"] == 1.0 and 0.0 <= summary["ensemble_valid_accuracy"] <= 1.0
+    masks, heads = GD.load_modules(tmp_path)
+    spec = model.conv_spec()
+    assert {k: v.shape for k, v in masks.items()} == {n: (NUM_CLASSES, spec.num_kernels[n]) for n in spec.names}
+    assert heads["dense_0"]["kernel"].shape == (NUM_CLASSES, NUM_CLASSES, 10)
+    with pytest.raises(D.SearchError, match="resume"):
+        D.run_modularize(tmp_path, cfg, progress=False, data=data)
+    again = D.run_modularize(tmp_path, cfg, resume=True, progress=False, data=data)  # already finished
+    assert again["ensemble_valid_accuracy"] == summary["ensemble_valid_accuracy"]

@@ -658,6 +658,11 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     Raises:
       SearchError / ResumeError / CheckpointError with one-line reasons.
     """
+    if cfg.search.method == "gradient":  # gradient-trained masks (docs/method.md §10)
+        from jaxsplit.search.gradient_driver import run_gradient_modularize
+
+        return run_gradient_modularize(run_dir, cfg, resume, progress=progress, data=data,
+                                       on_checkpoint=on_checkpoint)
     from jaxsplit import pipeline
 
     run_dir = Path(run_dir)

@@ -44,6 +44,7 @@ is used (weighted), as a PyTorch DataLoader does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 import time
@@ -571,8 +572,13 @@ def _settings_record(splitter: GradSplitter) -> dict:
             "sites": {n: [splitter.num_kernels[n], splitter.rep[n]] for n in splitter.names}}
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _permutation(key: jax.Array, epoch: int, n: int) -> jax.Array:
+    return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+
+
 def _epoch_batches(splitter: GradSplitter, key: jax.Array, epoch: int, n: int):
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    perm = np.asarray(_permutation(key, np.int32(epoch), n))
     b = splitter.cfg.batch_size
     return [perm[s:s + b] for s in range(0, n, b)]
 
