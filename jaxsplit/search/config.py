@@ -38,9 +38,11 @@ class GradientConfig:
     lr_modular: float = 0.001
     batch_size: int = 64
     eval_batch_size: int = 1000
+    num_train: int | None = None  # train on at most this many modularization-train images (None: all)
 
     def __post_init__(self):
         p = "search.gradient."
+        _check(self.num_train is None or self.num_train > 0, p + "num_train", f"must be > 0, got {self.num_train}")
         _check(self.init_scale > 0, p + "init_scale", f"must be > 0, got {self.init_scale}")
         _check(self.head_hidden >= 1, p + "head_hidden", f"must be >= 1, got {self.head_hidden}")
         _check(self.alpha >= 0, p + "alpha", f"must be >= 0, got {self.alpha}")

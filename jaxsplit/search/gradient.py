@@ -16,13 +16,14 @@ Everything is generic over the model: the searcher needs only
 * a site description with the duck API of `ConvSpec` / the kernel graph: `names`,
   `num_kernels` (dict), `ties`, `representative(name)`, `free_layers`.
 
-For jaxsplit's `ConvNet`: `GradSplitter.for_convnet(model, num_classes, cfg)`; for any traced
-model: `GradSplitter.for_graph(graph, apply_fn, cfg)` (uses `jaxsplit.masks.masked_apply`).
+For jaxsplit's `ConvNet`: `GradSplitter.for_convnet(model, cfg)`; for any model traced into
+a kernel graph: `GradSplitter.for_graph(graph, apply_fn, cfg)` (`graph_masked_apply`: the
+traced evaluation of `jaxsplit.masks.masked_apply`, with real-valued masks).
 
 Style (evosax/optax): the structure lives in the `GradSplitter` object, everything that changes
 in an explicit `GradState` (a `flax.struct` dataclass):
 
-    splitter = GradSplitter.for_convnet(model, num_classes=10, cfg=GradientConfig())
+    splitter = GradSplitter.for_convnet(model, GradientConfig())
     state = splitter.init(key, variables)
     state = splitter.begin_epoch(state)              # phase, learning rate, optimiser reset
     state, metrics = splitter.step(state, batch, variables)       # one jitted step, all classes
@@ -240,8 +241,8 @@ class GradSplitter:
     # -- constructors for jaxsplit models -----------------------------------------------------
 
     @classmethod
-    def for_convnet(cls, model: Any, num_classes: int | None = None,
-                    cfg: GradientConfig | None = None) -> GradSplitter:
+    def for_convnet(cls, model: Any, cfg: GradientConfig | None = None, *,
+                    num_classes: int | None = None) -> GradSplitter:
         """A searcher for a `jaxsplit.models.ConvNet` (activation masking, `conv_spec()` sites)."""
         def masked_apply(variables, masks, x):
             return model.apply(variables, x, masks=masks)
@@ -250,12 +251,12 @@ class GradSplitter:
                    model.num_classes if num_classes is None else num_classes, cfg)
 
     @classmethod
-    def for_graph(cls, graph: Any, apply_fn: Callable, cfg: GradientConfig | None = None,
+    def for_graph(cls, graph: Any, apply_fn: Callable, cfg: GradientConfig | None = None, *,
                   num_classes: int | None = None) -> GradSplitter:
-        """A searcher for any model traced into a kernel graph (`jaxsplit.trace`).
+        """A searcher for any model traced into a kernel graph (`jaxsplit.graph.trace`).
 
         Args:
-          graph: `jaxsplit.trace(apply_fn, variables, example_x)`.
+          graph: `jaxsplit.graph.trace(apply_fn, variables, example_x)`.
           apply_fn: `(variables, x) -> logits (B, N)`, the traced inference apply.
         """
         fn = graph_masked_apply(graph, apply_fn)

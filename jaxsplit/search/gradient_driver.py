@@ -74,6 +74,7 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
     class_names = list(valid.class_names) if valid.class_names else [str(c) for c in range(model.num_classes)]
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    num_train = len(train) if gcfg.num_train is None else min(gcfg.num_train, len(train))
     variables = {"params": params}
     splitter = G.GradSplitter.for_convnet(model, cfg=gcfg)
     state = splitter.init(jax.random.key(scfg.seed))
@@ -82,7 +83,7 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
     try:
         state, history = G.train(
             splitter, state, variables,
-            (np.asarray(train.images, np.float32), np.asarray(train.labels, np.int32)),
+            (np.asarray(train.images[:num_train], np.float32), np.asarray(train.labels[:num_train], np.int32)),
             (v_images, v_labels), checkpoint_dir=ckpt_root, checkpoint_every=scfg.checkpoint_every,
             resume=resume, progress=progress, fingerprint=fp, on_checkpoint=on_checkpoint)
     except G.GradientError as e:
@@ -117,7 +118,7 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
     times = [h["time_s"] for h in history]
     summary = {
         "model": model_desc, "method": "gradient", "num_valid_images": int(num_valid),
-        "num_train_images": int(len(train)), "epochs_run": len(history),
+        "num_train_images": int(num_train), "epochs_run": len(history),
         "num_epochs": gcfg.num_epochs, "best_epoch": result.best_epoch,
         # the GA summary's names, so format_summary and reports read both
         "best_generation": result.best_epoch, "generations_run": len(history),
