@@ -14,6 +14,63 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class GradientConfig:
+    """The gradient searcher (GradSplitter, docs/method.md §10); reference values are the defaults.
+
+    Schedule: `head_epochs` epochs training the heads only (lr `lr_head_warmup`), then
+    `modular_epochs` epochs in cycles of `cycle_mask_epochs` epochs on masks + heads (lr
+    `lr_modular`, mask loss weight `alpha`) and `cycle_head_epochs` epochs on the heads only
+    (lr `lr_head`). A fresh Adam starts at every phase change, as in the reference.
+    """
+
+    init: Literal["ones", "normal", "zeros"] = "ones"  # initial real mask values
+    init_scale: float = 1.0  # standard deviation of init="normal"
+    estimator: Literal["hardtanh", "sigmoid"] = "hardtanh"  # straight-through backward
+    head: Literal["mlp", "none"] = "mlp"  # per-module head on the N logits / own class logit
+    head_hidden: int = 10
+    alpha: float = 0.1  # weight of the mean kept-kernel bit in the loss
+    head_epochs: int = 5
+    modular_epochs: int = 140
+    cycle_mask_epochs: int = 5
+    cycle_head_epochs: int = 2
+    lr_head_warmup: float = 0.01
+    lr_head: float = 0.001
+    lr_modular: float = 0.001
+    batch_size: int = 64
+    eval_batch_size: int = 1000
+    num_train: int | None = None  # train on at most this many modularization-train images (None: all)
+
+    def __post_init__(self):
+        p = "search.gradient."
+        _check(self.num_train is None or self.num_train > 0, p + "num_train", f"must be > 0, got {self.num_train}")
+        _check(self.init_scale > 0, p + "init_scale", f"must be > 0, got {self.init_scale}")
+        _check(self.head_hidden >= 1, p + "head_hidden", f"must be >= 1, got {self.head_hidden}")
+        _check(self.alpha >= 0, p + "alpha", f"must be >= 0, got {self.alpha}")
+        for name in ("head_epochs", "modular_epochs", "cycle_mask_epochs", "cycle_head_epochs"):
+            value = getattr(self, name)
+            _check(value >= 0, p + name, f"must be >= 0, got {value}")
+        _check(self.cycle_mask_epochs + self.cycle_head_epochs >= 1, p + "cycle_mask_epochs",
+               "cycle_mask_epochs + cycle_head_epochs must be >= 1, got "
+               f"{self.cycle_mask_epochs} + {self.cycle_head_epochs}")
+        _check(self.num_epochs >= 1, p + "head_epochs",
+               f"head_epochs + modular_epochs must be >= 1, got {self.head_epochs} + {self.modular_epochs}")
+        for name in ("lr_head_warmup", "lr_head", "lr_modular"):
+            value = getattr(self, name)
+            _check(value > 0, p + name, f"must be > 0, got {value}")
+        _check(self.batch_size >= 1, p + "batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.eval_batch_size >= 1, p + "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+
+    @property
+    def num_epochs(self) -> int:
+        return self.head_epochs + self.modular_epochs
+
+    def phases(self) -> tuple[int, ...]:
+        """Per epoch: 1 trains masks + heads, 0 the heads only."""
+        cycle = (1,) * self.cycle_mask_epochs + (0,) * self.cycle_head_epochs
+        return (0,) * self.head_epochs + tuple(cycle[e % len(cycle)] for e in range(self.modular_epochs))
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """The modularization search.
 
@@ -22,6 +79,8 @@ class SearchConfig:
     early stop after 20 generations without a better valid fitness.
     """
 
+    method: Literal["ga", "gradient"] = "ga"  # the GA (docs/method.md §5) or gradient masks (§10)
+    gradient: GradientConfig = GradientConfig()  # method="gradient" only
     strategy: Literal["kernel_ga", "simple_ga", "de", "cma_es", "pso"] = "kernel_ga"
     population_size: int = 100
     num_generations: int = 200
@@ -67,6 +126,9 @@ class SearchConfig:
     seed: int = 0
 
     def __post_init__(self):
+        _check(self.method in ("ga", "gradient"), "search.method", f"must be 'ga' or 'gradient', got {self.method!r}")
+        _check(isinstance(self.gradient, GradientConfig), "search.gradient",
+               f"must be a GradientConfig, got {type(self.gradient).__name__}")
         _check(self.population_size >= 2, "search.population_size", f"must be >= 2, got {self.population_size}")
         _check(self.num_generations >= 1, "search.num_generations", f"must be >= 1, got {self.num_generations}")
         _check(2 <= self.parents_mating <= self.population_size, "search.num_parents_mating",

@@ -376,6 +376,9 @@ def fingerprint(cfg, model_description: Mapping[str, Any], params: Any) -> dict[
     search = jconfig.to_dict(cfg.search)
     for key in FINGERPRINT_EXCLUDED:
         search.pop(key, None)
+    if search.get("method") == "ga":  # GA fingerprints are as before the gradient searcher existed
+        search.pop("method")
+        search.pop("gradient", None)
     return {"model": dict(model_description), "search": search, "data": jconfig.to_dict(cfg.data),
             "params": {"sha256": params_digest(params)}}
 
@@ -655,6 +658,11 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     Raises:
       SearchError / ResumeError / CheckpointError with one-line reasons.
     """
+    if cfg.search.method == "gradient":  # gradient-trained masks (docs/method.md §10)
+        from jaxsplit.search.gradient_driver import run_gradient_modularize
+
+        return run_gradient_modularize(run_dir, cfg, resume, progress=progress, data=data,
+                                       on_checkpoint=on_checkpoint)
     from jaxsplit import pipeline
 
     run_dir = Path(run_dir)
