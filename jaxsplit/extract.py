@@ -1,6 +1,6 @@
 """Physical extraction of a module: a real, smaller `ConvNet` with only its kept kernels.
 
-A module of class c (SPEC §7) is the model with c's kept kernels; masking a
+A module of class c (docs/method.md §7) is the model with c's kept kernels; masking a
 kernel zeroes its output channel, so a masked conv -> ReLU -> (pool) block
 equals the same block with the channel removed. `extract` removes them:
 

@@ -1,4 +1,4 @@
-"""Kernel importance and layer sensitivity (SPEC §3).
+"""Kernel importance and layer sensitivity (docs/method.md §3).
 
 Importance of kernel k of conv layer l for class c: the mean, over the valid
 images of class c that the model classifies as c with softmax confidence
@@ -17,7 +17,7 @@ confident image uses the mean over ALL its images, and the result says so in
 gets zero importance (every kernel ties; the stable ranking then keeps the
 kernel order) and a warning.
 
-Layer sensitivity (SPEC §3): for each conv layer l and ratio r, every class
+Layer sensitivity (docs/method.md §3): for each conv layer l and ratio r, every class
 module keeps only the top `max(1, floor(r * K_l))` kernels of layer l by its
 own importance ranking (all other layers full; the tied partners of a
 residual layer get the same kernels, as the reference copies them), and the
@@ -126,7 +126,7 @@ def _importance_sums(model: ConvNet, params, images: jax.Array, labels: jax.Arra
 
 def kernel_importance(model: ConvNet, params, images, labels, *, confidence: float = 0.9,
                       batch_size: int = 256) -> ImportanceResult:
-    """Kernel importance of every class and conv layer (SPEC §3).
+    """Kernel importance of every class and conv layer (docs/method.md §3).
 
     Args:
       model: the trained `ConvNet`.
@@ -275,7 +275,7 @@ def layer_sensitivity(model: ConvNet, params, images, labels, importance: Mappin
                       ratios: Sequence[float] = DEFAULT_RATIOS, *,
                       evaluate_fn: Callable | None = None,
                       classes: Sequence[int] | None = None) -> np.ndarray:
-    """Ensemble accuracy when one layer keeps only its top-r kernels (SPEC §3).
+    """Ensemble accuracy when one layer keeps only its top-r kernels (docs/method.md §3).
 
     Args:
       model, params: the trained model.

@@ -1,4 +1,4 @@
-"""Patching weak models with modules (SPEC §8): tasks, weak models, patching, metrics, driver.
+"""Patching weak models with modules (docs/method.md §8): tasks, weak models, patching, metrics, driver.
 
 A *weak* model is trained on a mixed task whose last class is the target class (TC); the
 *strong* model (the run's model) recognises the TC well. Patching swaps the weak model's TC

@@ -24,7 +24,7 @@ def tiny():
 
 
 def naive_importance(model, params, images, labels, confidence):
-    """Per-image loop in numpy: the definition of SPEC §3."""
+    """Per-image loop in numpy: the definition of docs/method.md §3."""
     sums, counts = {}, np.zeros(NUM_CLASSES)
     sums_all, counts_all = {}, np.zeros(NUM_CLASSES)
     for x, y in zip(images, labels):

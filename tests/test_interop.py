@@ -113,7 +113,7 @@ def test_interop_package_does_not_import_torch():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference key names and shapes (SPEC §1), at full width on the meta device (no memory).
+# Reference key names and shapes (docs/method.md §1), at full width on the meta device (no memory).
 
 
 @pytest.mark.torch

@@ -1,6 +1,6 @@
 """Convert between PyTorch `state_dict`s (reference layout) and jaxsplit params.
 
-Layouts (SPEC §1):
+Layouts (docs/method.md §1):
 
 - Conv: torch `weight` is OIHW `(K, C_in, 3, 3)`; jaxsplit `kernel` is HWIO `(3, 3, C_in, K)`.
 - Linear: torch `weight` is `(out, in)`; jaxsplit Dense `kernel` is `(in, out)`.

@@ -1,4 +1,4 @@
-"""The modularization search driver: importance -> encoding -> GA loop -> modules (SPEC §3-6).
+"""The modularization search driver: importance -> encoding -> GA loop -> modules (docs/method.md §3-6).
 
 `run_modularize(run_dir, cfg)` is the I/O edge. The core is the pure
 `search_step(problem, carry, key, params, images, labels, classes)`: decode
@@ -34,7 +34,7 @@ ensemble's mask per class: arrays named by conv layer, leading C axis),
 Which ensemble is "best": the one with the highest valid fitness
 `alpha·acc + (1 - alpha)·diff` over all generations (the quantity that
 drives early stopping); the hall of fame is each generation's best ensemble
-under the current acc_ratio (SPEC §6).
+under the current acc_ratio (docs/method.md §6).
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def build_problem(model: ConvNet, model_name: str, importance: Mapping[str, np.n
 
 def initial_population(key: jax.Array, problem: SearchProblem, population_size: int,
                        settings: Mapping[str, Any]) -> jax.Array:
-    """Heuristic initial genomes `(C, P, G)` bool (SPEC §4)."""
+    """Heuristic initial genomes `(C, P, G)` bool (docs/method.md §4)."""
     return enc_lib.init_population(key, problem.enc, population_size, settings["sensitive"],
                                    settings["ratios_sensitive"], settings["ratios_other"],
                                    settings["temperature"])
@@ -527,7 +527,7 @@ def module_stats_fallback(model: ConvNet, mask: Mapping[str, np.ndarray]) -> dic
 
     Counts the conv layers' kept kernels (inputs follow the previous layer's
     kept kernels, residual ties are equal) and the first Dense layer's input
-    columns; the rest of the head is whole (SPEC §7). Used when
+    columns; the rest of the head is whole (docs/method.md §7). Used when
     `jaxsplit.extract` is not available.
     """
     spec = model.conv_spec()
@@ -634,7 +634,7 @@ def final_accuracies(problem: SearchProblem, params, bits: jax.Array,
 def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, progress: bool = True,
                    data: tuple | None = None, evaluate_fn: Callable | None = None,
                    on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """Search per-class modules of the model trained in `run_dir` (SPEC §3-6).
+    """Search per-class modules of the model trained in `run_dir` (docs/method.md §3-6).
 
     Args:
       run_dir: a run folder with a trained model (`run_dir/checkpoint`).
