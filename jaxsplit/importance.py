@@ -334,29 +334,3 @@ def sensitive_layers(curves: np.ndarray, ratios: Sequence[float], *, drop: float
         raise ImportanceError(f"ratio at={at} is not among the ratios {ratios}")
     full = curves[:, int(np.argmax(ratios))]
     return tuple(int(i) for i in np.flatnonzero(curves[:, hits[0]] < full - drop))
-
-
-def plot_sensitivity(curves: np.ndarray, ratios: Sequence[float], path: str | Path,
-                     layer_names: Sequence[str] | None = None) -> Path:
-    """Save the sensitivity curves (one line per layer) as an image (I/O edge)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = np.asarray(curves)
-    names = layer_names or [f"conv_{i}" for i in range(curves.shape[0])]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, row in enumerate(curves):
-        ax.plot(list(ratios), row, marker="o", ms=3, label=names[i])
-    ax.set_xlabel("fraction of the layer's kernels kept (top by importance)")
-    ax.set_ylabel("module ensemble accuracy")
-    ax.set_title("Layer sensitivity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

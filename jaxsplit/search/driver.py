@@ -59,6 +59,7 @@ from flax import struct
 from jaxsplit import checkpoint as ckpt
 from jaxsplit import importance as imp_lib
 from jaxsplit import masks as masks_lib
+from jaxsplit import plots
 from jaxsplit.models.convnet import ConvNet, conv_macs, count_params, head_macs
 from jaxsplit.search import encoding as enc_lib
 from jaxsplit.search import fitness as fit_lib
@@ -565,39 +566,6 @@ def _module_stats(model: ConvNet, params: Any, mask: Mapping[str, np.ndarray]) -
     return module_stats_fallback(model, mask), "jaxsplit.search.driver.module_stats_fallback"
 
 
-def _plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gens = [h["generation"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    ax.plot(gens, [h["best_fitness"] for h in history], label="best ensemble fitness")
-    ax.plot(gens, [h["best_valid_fitness"] for h in history], label="valid fitness")
-    ax.plot(gens, [h["best_acc"] for h in history], label="ensemble accuracy")
-    ax.plot(gens, [h["best_diff"] for h in history], label="ensemble diff")
-    ax.set_xlabel("generation")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    kept = np.asarray([h["mean_kept_fraction"] for h in history])
-    ax.plot(gens, kept.mean(axis=1), label="population mean (all classes)")
-    ax.plot(gens, np.asarray([h["best_kept_fraction"] for h in history]).mean(axis=1),
-            label="best ensemble mean")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("fraction of kernels kept")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def final_accuracies(problem: SearchProblem, params, bits: jax.Array,
                      splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
                      classes: np.ndarray) -> dict[str, dict[str, float]]:
@@ -709,8 +677,8 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
                                            evaluate_fn=evaluate_fn)
         _save_npz(out_dir / "sensitivity.npz", {"curves": curves, "ratios": np.asarray(ratios)})
         if not (out_dir / "sensitivity.png").exists():
-            imp_lib.plot_sensitivity(curves, ratios, out_dir / "sensitivity.png",
-                                     model.conv_spec().names)
+            plots.plot_sensitivity(curves, ratios, out_dir / "sensitivity.png",
+                                   model.conv_spec().names)
         sensitive_override = imp_lib.sensitive_layers(curves, ratios)
 
     problem, settings = build_problem(model, model_name, importance, scfg,
@@ -828,7 +796,9 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     history_doc = {"compile_time_s": compile_time, "generations": history}
     _save_json(out_dir / "history.json", history_doc)
     if history and not (out_dir / "curves.png").exists():
-        _plot_history(history, out_dir / "curves.png")
+        plots.plot_search_history(history, out_dir / "curves.png", ensemble_test_accuracy=test_acc,
+                                  model_test_accuracy=model_test, model_valid_accuracy=model_valid,
+                                  best_generation=int(carry.best_generation))
     _save_json(out_dir / "summary.json", summary)
     print(format_summary(summary))
     return summary
