@@ -59,6 +59,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,6 +77,8 @@ from jaxsplit import data as jdata
 from jaxsplit import metrics, pipeline
 from jaxsplit import plots as jplots
 from jaxsplit import train as jtrain
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PatchError",
@@ -907,7 +910,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         checkpoint.
       progress: progress bars while training weak models.
       plots: write the PNG plots.
-      verbose: print the results table.
+      verbose: log the results table (logger ``jaxsplit.patch``, level INFO).
 
     Returns:
       The results dict, also written to ``patch/patch_results.json``.
@@ -1015,7 +1018,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
     if plots:
         jplots.plot_patch_results(results, out_dir)
     if verbose:
-        print(format_table(results))
+        log.info("%s", format_table(results))
     return results
 
 

@@ -42,10 +42,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -66,6 +68,8 @@ from jaxsplit.search import fitness as fit_lib
 from jaxsplit.search.evaluate import make_evaluator_from_config
 from jaxsplit.search.sharding import input_placement
 from jaxsplit.search.strategies import BinaryStrategy, make_strategy
+
+log = logging.getLogger(__name__)
 
 MODULARIZE_DIRNAME = "modularize"
 CKPT_DIRNAME = "search_ckpt"
@@ -666,7 +670,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     _save_npz(imp_path, {**importance, "__num_confident": result.num_confident,
                          "__num_images": result.num_images})
     for w in result.warnings:
-        print(f"warning: {w}")
+        warnings.warn(str(w), RuntimeWarning, stacklevel=2)
     importance_time = time.perf_counter() - t0
 
     evaluate_fn = evaluate_fn or make_evaluator_from_config(model, scfg)
@@ -703,7 +707,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         if len(history) != start:
             raise ResumeError(f"checkpoint {str(path)!r} is inconsistent: {len(history)} history "
                               f"entries for {start} generations")
-        print(f"resuming from {path.name}: {start} generations done")
+        log.info("resuming from %s: %d generations done", path.name, start)
     else:
         carry = fresh_carry()
 
@@ -800,7 +804,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
                                   model_test_accuracy=model_test, model_valid_accuracy=model_valid,
                                   best_generation=int(carry.best_generation))
     _save_json(out_dir / "summary.json", summary)
-    print(format_summary(summary))
+    log.info("%s", format_summary(summary))
     return summary
 
 
