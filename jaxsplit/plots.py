@@ -91,17 +91,28 @@ def plot_search_history(history: Sequence[Mapping[str, Any]], path: str | Path, 
     fig.suptitle("Modularization search: best ensemble per generation", fontsize=12)
 
     ax = axes[0, 0]
-    ax.plot(gens, pct("best_acc"), color=_MODULE, marker=".", label="ensemble, search images")
+    acc = pct("best_acc")
+    ax.plot(gens, acc, color=_MODULE, marker=".", label="ensemble, search images")
     if model_valid_accuracy is not None:
         ax.axhline(100 * model_valid_accuracy, color="black", ls="--", lw=1, label="model, valid")
     if model_test_accuracy is not None:
         ax.axhline(100 * model_test_accuracy, color="black", ls=":", lw=1, label="model, test")
     if ensemble_test_accuracy is not None:
         ax.scatter([last], [100 * ensemble_test_accuracy], marker="*", s=140, color="#d62728", zorder=4,
-                   label=f"final ensemble, test: {100 * ensemble_test_accuracy:.2f}%")
+                   label="final ensemble, test")
+        ax.annotate(f"test {100 * ensemble_test_accuracy:.2f}%", (last, 100 * ensemble_test_accuracy),
+                    xytext=(-8, 0), textcoords="offset points", ha="right", va="center", fontsize=8,
+                    color="#d62728")
+    shown = [v for v in (*acc, *(100 * x for x in (model_valid_accuracy, model_test_accuracy,
+                                                   ensemble_test_accuracy) if x is not None))
+             if np.isfinite(v)]
+    if shown:  # every line and the final-test star inside the axes, with room for the legend
+        lo, hi = min(shown), max(shown)
+        pad = max(0.5, 0.1 * (hi - lo))
+        ax.set_ylim(lo - pad - 0.6 * (hi - lo + pad), hi + pad)
     ax.set_title("Ensemble accuracy")
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6.5, loc="lower left")
 
     ax = axes[0, 1]
     ax.plot(gens, pct("best_diff"), color="#2ca02c", marker=".")
