@@ -268,7 +268,7 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
         return 100 * (_num(after) - _num(r["before"].get(key)))
 
     keys = (("tc_precision", "TC precision"), ("tc_recall", "TC recall"), ("non_tc_accuracy", "non-TC accuracy"))
-    fig = _figure(max(11, 1.2 * len(tcs) * 3 + 2), 7)
+    fig = _figure(max(11, 0.75 * len(tcs) * 3 + 3), 7)
     axes = fig.subplots(2, 3, sharex=True)
     for col, (key, label) in enumerate(keys):
         ax = axes[0, col]
@@ -307,8 +307,8 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
 
     avg = results["average"]
     cals = list(results.get("calibrations", avg.get("module_patch", {}).keys()))
-    fig = _figure(max(10, 2.2 * len(_METRICS) + 2), 4.2)
-    axes = fig.subplots(1, len(_METRICS), sharey=False)
+    fig = _figure(max(10, 1.1 * len(cals) * 2 + 2), 7.5)
+    axes = fig.subplots(2, 2).ravel()
     cx = np.arange(len(cals))
     for ax, (key, label) in zip(axes, _METRICS):
         b = _num(avg["before"].get(key))
@@ -320,15 +320,15 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
         _bars(ax, cx, series)
         ax.axhline(0, color="black", lw=0.8)
         _pad_ylim(ax, [mod, whole])
-        ax.set_xticks(cx, [c + (" *" if c == primary else "") for c in cals], rotation=30, fontsize=8)
+        ax.set_xticks(cx, [c + (" *" if c == primary else "") for c in cals], fontsize=8)
         ax.set_xlabel("calibration (* primary)")
-        ax.set_title(f"{label}\n(weak: {100 * b:.2f}%)", fontsize=9)
+        ax.set_title(f"{label} (weak model: {100 * b:.2f}%)", fontsize=10)
+        ax.set_ylabel("patched − weak (points)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("mean change over target classes (points)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
-    fig.suptitle(f"Patching, mean over {len(tcs)} target classes: change by calibration method", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.93))
+    fig.suptitle(f"Patching, mean over {len(tcs)} target classes: change by calibration method", fontsize=12)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     written.append(_save(fig, out_dir / "patch_calibrations.png", dpi=100))
 
     fig = _figure(max(7, 1.1 * len(tcs) + 3), 3.8)

@@ -478,13 +478,23 @@ def _summary_section(run_dir: Path) -> list[str]:
                 f"Patching {'meets' if passed else 'does not meet'} its acceptance criterion "
                 f"({acc.get('criterion', '?')}): on average TC precision "
                 f"{_signed_pts(acc.get('delta_tc_precision'))}, TC recall {_signed_pts(acc.get('delta_tc_recall'))} "
-                f"and non-TC accuracy {_signed_pts(acc.get('delta_non_tc_accuracy'))} points; "
-                f"{len(both)} of {len(per_tc)} target classes gain on both precision and recall.")
+                f"and non-TC accuracy {_signed_pts(acc.get('delta_non_tc_accuracy'))} points. "
+                + _both_sentence(len(both), len(per_tc)))
     if rows:
         lines += _table(["headline", "value"], rows)
     if verdict:
         lines += ["**Verdict.** " + " ".join(verdict), ""]
     return lines
+
+
+def _both_sentence(both: int, total: int) -> str:
+    if both == total:
+        return f"All {total} target classes gain on both precision and recall."
+    if both == 0:
+        return ("No single target class gains on both precision and recall: each one trades one for the "
+                "other, so the average gain is a mix of trade-offs, not a uniform improvement.")
+    return (f"{both} of {total} target classes gain on both precision and recall; the others trade one "
+            f"for the other.")
 
 
 def _data_section(run_dir: Path) -> list[str]:

@@ -125,6 +125,7 @@ def test_report_opens_with_a_summary(tmp_path):
     # T-shirt/top gains on both; Shirt gains precision but loses recall
     assert "| target classes improved on both precision and recall | 1 of 2 (T-shirt/top) |" in head
     assert "**Verdict.**" in head and "meets its acceptance criterion" in head
+    assert "1 of 2 target classes gain on both precision and recall; the others trade" in head
     assert text.count("target class (TC)") == 1 and "T-shirt/top, Shirt" in head
     # the data the model was trained on
     assert "## Data" in text and "/data/fashion-mnist" in text and "`sha256:abc123`" in text
@@ -140,3 +141,9 @@ def test_summary_verdict_when_patching_fails(tmp_path):
     path.write_text(json.dumps(res))
     text = report.render_report(run)
     assert "does not meet its acceptance criterion" in text
+    for r in res["per_tc"].values():  # every class: precision up, recall down
+        r["module_patch"]["min_max"] = _metrics(0.9, 0.45, 0.97)
+    path.write_text(json.dumps(res))
+    text = report.render_report(run)
+    assert "| target classes improved on both precision and recall | 0 of 2 |" in text
+    assert "No single target class gains on both precision and recall" in text
