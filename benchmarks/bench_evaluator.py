@@ -1,4 +1,4 @@
-"""Benchmark jaxsplit's search against the PyTorch way, in one process run (issue 7).
+"""Benchmark jaxsplit's search against the PyTorch way, in one process run.
 
     python benchmarks/bench_evaluator.py [--quick] [--out benchmarks/results/NAME.json]
     make bench            # the same (full run)

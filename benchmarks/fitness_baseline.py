@@ -1,7 +1,7 @@
-"""The reference's hierarchical cooperative fitness in NumPy, with a multiprocessing pool (SPEC §6).
+"""The reference's hierarchical cooperative fitness in NumPy, with a multiprocessing pool (docs/method.md §6).
 
 The baseline that jaxsplit's on-device `jaxsplit.search.fitness.cooperative_fitness` is
-compared with (issue 7). Written from SPEC §6, the way the reference organises the work:
+compared with. Written from docs/method.md §6, the way the reference organises the work:
 ensembles are scored one by one in worker processes (a `multiprocessing.Pool` over blocks of
 candidate ensembles), each by taking the argmax of its members' logits on the images of its
 classes. NumPy vectorises within a block (a few hundred ensembles at a time), so this is a

@@ -11,7 +11,7 @@ search never overwrites an existing one). `--compare-backends` also times one ev
 the initial population (the search's own valid images) with the "reference" and the "fast"
 evaluator backends.
 
-The project's target (issue 5): the search finishes in <= 15 min on 2 CPU cores and its module
+The project's target: the search finishes in <= 15 min on 2 CPU cores and its module
 ensemble loses <= 3 points of TEST accuracy against the model while the modules keep <= 60% of
 the model's MACs on average. The JSON records the config, wall times (total, compile,
 importance, per generation), per-class kept kernel / parameter / MAC fractions, ensemble

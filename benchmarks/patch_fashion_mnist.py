@@ -1,4 +1,4 @@
-"""Fashion-MNIST "self" patching, end to end on an existing run folder (SPEC §8).
+"""Fashion-MNIST "self" patching, end to end on an existing run folder (docs/method.md §8).
 
 Usage:
     python benchmarks/patch_fashion_mnist.py RUN_DIR [--set patch.weak_epochs=5 ...] [--out PATH]

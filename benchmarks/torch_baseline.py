@@ -1,9 +1,9 @@
-"""The reference's way of computing the logit table L, in PyTorch (the baseline of issue 7).
+"""The reference's way of computing the logit table L, in PyTorch (the performance baseline).
 
 CNNSplitter evaluates a population one individual at a time: for each (class c, mask) it
-physically extracts the module (SPEC §7) — a smaller network with only the kept kernels —
+physically extracts the module (docs/method.md §7) — a smaller network with only the kept kernels —
 and runs the valid images through it, keeping the class-c logit. This file does the same,
-written from SPEC (not from the reference's code), on the *same* weights as jaxsplit
+written from docs/method.md (not from the reference's code), on the *same* weights as jaxsplit
 (exported with `jaxsplit.interop.torch.params_to_state_dict`) and the same masks, so its
 `L (C, P, N)` can be compared with jaxsplit's evaluators value for value and in speed.
 
@@ -11,7 +11,7 @@ Extraction of one module (generic over jaxsplit's layer table, SimCNN / ResCNN /
 
 - conv l keeps output kernels `k_l = flatnonzero(mask_l)` (weights and bias rows), and the
   input channels the previous layer kept (`k_{l-1}`; all image channels for conv 0);
-- a residual add (`residual_from`) needs the same kept set on both sides (tied masks, SPEC §1);
+- a residual add (`residual_from`) needs the same kept set on both sides (tied masks, docs/method.md §1);
 - the first Linear keeps the input columns of the kept channels of the last map in the NCHW
   flatten order (`c*H*W + h*W + w`); the other Linears are kept whole except the last, which
   keeps only row `class c` (the module's single output);
@@ -142,7 +142,7 @@ def kept_indices(model: ConvNet, mask: Mapping[str, Any]) -> dict[str, np.ndarra
 
 def extract_module(model: ConvNet, tensors: Mapping[str, Mapping[str, torch.Tensor]],
                    mask: Mapping[str, Any], class_id: int) -> ExtractedModule:
-    """The physically extracted module of class `class_id` for one mask (SPEC §7).
+    """The physically extracted module of class `class_id` for one mask (docs/method.md §7).
 
     Args:
       model: the jaxsplit `ConvNet` (its layer table drives the extraction).

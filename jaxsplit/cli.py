@@ -24,6 +24,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -391,6 +392,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*_USER_ERRORS, TrainingError)
 
 
+def _show_library_logs() -> None:
+    """The library logs its tables and notes (logger ``jaxsplit``, INFO); the CLI prints them."""
+    logger = logging.getLogger("jaxsplit")
+    if not any(getattr(h, "_jaxsplit_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._jaxsplit_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `jaxsplit ARGS`; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     parser = build_parser()
@@ -405,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bench_args is not None:
         args.bench_args = bench_args
     debug = bool(getattr(args, "debug", False))
+    _show_library_logs()
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

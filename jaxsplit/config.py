@@ -36,7 +36,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the images come from and how they are prepared (SPEC §2)."""
+    """Where the images come from and how they are prepared (docs/method.md §2)."""
 
     source: Literal["auto", "idx", "tfds", "npz", "synthetic"] = "auto"
     name: str = "fashion_mnist"
@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Which network (SPEC §1) and how wide."""
+    """Which network (docs/method.md §1) and how wide."""
 
     name: Literal["simcnn", "rescnn", "weak_cnn"] = "simcnn"
     width: float = 1.0

@@ -23,7 +23,7 @@ with a jaxsplit `ConvNet` as first argument keep their ConvNet behaviour
 
 ConvNet-only extraction (`extract_convnet`):
 
-A module of class c (SPEC §7) is the model with c's kept kernels; masking a
+A module of class c (docs/method.md §7) is the model with c's kept kernels; masking a
 kernel zeroes its output channel, so a masked conv -> ReLU -> (pool) block
 equals the same block with the channel removed. `extract` removes them:
 

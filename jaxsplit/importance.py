@@ -1,4 +1,4 @@
-"""Kernel importance and layer sensitivity (SPEC §3).
+"""Kernel importance and layer sensitivity (docs/method.md §3).
 
 Importance of kernel k of conv layer l for class c: the mean, over the valid
 images of class c that the model classifies as c with softmax confidence
@@ -17,7 +17,7 @@ confident image uses the mean over ALL its images, and the result says so in
 gets zero importance (every kernel ties; the stable ranking then keeps the
 kernel order) and a warning.
 
-Layer sensitivity (SPEC §3): for each conv layer l and ratio r, every class
+Layer sensitivity (docs/method.md §3): for each conv layer l and ratio r, every class
 module keeps only the top `max(1, floor(r * K_l))` kernels of layer l by its
 own importance ranking (all other layers full; the tied partners of a
 residual layer get the same kernels, as the reference copies them), and the
@@ -126,7 +126,7 @@ def _importance_sums(model: ConvNet, params, images: jax.Array, labels: jax.Arra
 
 def kernel_importance(model: ConvNet, params, images, labels, *, confidence: float = 0.9,
                       batch_size: int = 256) -> ImportanceResult:
-    """Kernel importance of every class and conv layer (SPEC §3).
+    """Kernel importance of every class and conv layer (docs/method.md §3).
 
     Args:
       model: the trained `ConvNet`.
@@ -275,7 +275,7 @@ def layer_sensitivity(model: ConvNet, params, images, labels, importance: Mappin
                       ratios: Sequence[float] = DEFAULT_RATIOS, *,
                       evaluate_fn: Callable | None = None,
                       classes: Sequence[int] | None = None) -> np.ndarray:
-    """Ensemble accuracy when one layer keeps only its top-r kernels (SPEC §3).
+    """Ensemble accuracy when one layer keeps only its top-r kernels (docs/method.md §3).
 
     Args:
       model, params: the trained model.
@@ -334,29 +334,3 @@ def sensitive_layers(curves: np.ndarray, ratios: Sequence[float], *, drop: float
         raise ImportanceError(f"ratio at={at} is not among the ratios {ratios}")
     full = curves[:, int(np.argmax(ratios))]
     return tuple(int(i) for i in np.flatnonzero(curves[:, hits[0]] < full - drop))
-
-
-def plot_sensitivity(curves: np.ndarray, ratios: Sequence[float], path: str | Path,
-                     layer_names: Sequence[str] | None = None) -> Path:
-    """Save the sensitivity curves (one line per layer) as an image (I/O edge)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = np.asarray(curves)
-    names = layer_names or [f"conv_{i}" for i in range(curves.shape[0])]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, row in enumerate(curves):
-        ax.plot(list(ratios), row, marker="o", ms=3, label=names[i])
-    ax.set_xlabel("fraction of the layer's kernels kept (top by importance)")
-    ax.set_ylabel("module ensemble accuracy")
-    ax.set_title("Layer sensitivity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -210,7 +210,7 @@ def union(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> Mask:
 def jaccard(a: Mapping[str, jax.Array], b: Mapping[str, jax.Array]) -> jax.Array:
     """|a ∩ b| / |a ∪ b| over all kernels of all layers, `float[...]`.
 
-    The module *difference* of SPEC §6 is `1 - jaccard`. Two empty masks have
+    The module *difference* of docs/method.md §6 is `1 - jaccard`. Two empty masks have
     Jaccard 1 (they are the same set).
     """
     _check_same_layers(a, b)

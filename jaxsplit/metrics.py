@@ -130,7 +130,7 @@ def accuracy_excluding(cm: Any, excluded_class: int) -> float:
 
 
 def target_class_summary(labels: Any, preds: Any, num_classes: int, target_class: int) -> dict:
-    """The patching metrics of one classifier on one labelled set (SPEC §8).
+    """The patching metrics of one classifier on one labelled set (docs/method.md §8).
 
     Args:
       labels: ``(N,)`` true classes in ``[0, C)``.

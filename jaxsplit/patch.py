@@ -1,4 +1,4 @@
-"""Patching weak models with modules (SPEC §8): tasks, weak models, patching, metrics, driver.
+"""Patching weak models with modules (docs/method.md §8): tasks, weak models, patching, metrics, driver.
 
 A *weak* model is trained on a mixed task whose last class is the target class (TC); the
 *strong* model (the run's model) recognises the TC well. Patching swaps the weak model's TC
@@ -59,6 +59,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,7 +75,10 @@ from jaxsplit import compose as jcompose
 from jaxsplit import config as jconfig
 from jaxsplit import data as jdata
 from jaxsplit import metrics, pipeline
+from jaxsplit import plots as jplots
 from jaxsplit import train as jtrain
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PatchError",
@@ -90,7 +94,6 @@ __all__ = [
     "average_metrics",
     "average_results",
     "acceptance",
-    "plot_results",
     "load_cifar100_cifar10",
     "weak_config",
     "train_weak",
@@ -573,94 +576,6 @@ def acceptance(average: dict, calibration: str, max_non_tc_drop: float = 0.01) -
 
 
 # --------------------------------------------------------------------------------------------
-# Plots (driver edge: matplotlib, Agg backend).
-
-
-def plot_results(results: dict, out_dir: Path) -> list[Path]:
-    """Writes the patching plots of a `run_patch` results dict into ``out_dir``.
-
-    * ``patch_tc_bars.png``: TC precision and recall per TC, weak vs patched (primary calibration);
-    * ``patch_calibrations.png``: averaged metrics per calibration, module vs whole strong model;
-    * ``patch_module_size.png``: each TC module's MACs / parameters / kernels as % of the model.
-
-    Returns:
-      The written paths.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    per_tc = results["per_tc"]
-    tcs = list(per_tc)
-    primary = results["primary_calibration"]
-    x = np.arange(len(tcs))
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
-    for ax, key, title in zip(axes, ("tc_precision", "tc_recall"), ("TC precision", "TC recall")):
-        before = [100 * per_tc[t]["before"][key] for t in tcs]
-        after = [100 * per_tc[t]["module_patch"][primary][key] for t in tcs]
-        whole = [100 * per_tc[t]["whole_model_patch"][primary][key] for t in tcs]
-        ax.bar(x - 0.27, before, 0.27, label="weak")
-        ax.bar(x, after, 0.27, label=f"patched (module, {primary})")
-        ax.bar(x + 0.27, whole, 0.27, label="patched (whole model)")
-        ax.set_xticks(x, [str(t) for t in tcs])
-        ax.set_xlabel("target class")
-        ax.set_title(title)
-        ax.set_ylim(0, 105)
-    axes[0].set_ylabel("%")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    written.append(out_dir / "patch_tc_bars.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    avg = results["average"]
-    cals = list(results["calibrations"])
-    keys = ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy")
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * (len(cals) + 1) + 1.5), 3.5))
-    groups = ["weak"] + cals
-    width = 0.8 / len(keys)
-    for j, key in enumerate(keys):
-        vals = [avg["before"][key]] + [avg["module_patch"][c][key] for c in cals]
-        ax.bar(np.arange(len(groups)) + (j - 1.5) * width, [100 * v for v in vals], width, label=key)
-        whole = [np.nan] + [avg["whole_model_patch"][c][key] for c in cals]
-        ax.scatter(np.arange(len(groups)) + (j - 1.5) * width, [100 * v for v in whole], marker="_",
-                   color="black", s=60, zorder=3, label="whole model" if j == 0 else None)
-    ax.set_xticks(np.arange(len(groups)), groups)
-    ax.set_ylabel("% (mean over TCs)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Mean over TCs: patched with the module (bars), with the whole strong model (ticks)",
-                 fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    written.append(out_dir / "patch_calibrations.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for j, (key, label) in enumerate((("macs_fraction", "MACs"), ("params_fraction", "parameters"),
-                                      ("kept_fraction", "kernels"))):
-        vals = [per_tc[t]["module"].get(key, np.nan) for t in tcs]
-        ax.bar(x + (j - 1) * 0.27, [100 * v for v in vals], 0.27, label=label)
-    ax.set_xticks(x, [str(t) for t in tcs])
-    ax.set_xlabel("target class")
-    ax.set_ylabel("% of the strong model")
-    ax.set_ylim(0, 105)
-    ax.set_title("Module size per class")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    written.append(out_dir / "patch_module_size.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    return written
-
-
-# --------------------------------------------------------------------------------------------
 # Data loading for the driver (I/O edge).
 
 
@@ -995,7 +910,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         checkpoint.
       progress: progress bars while training weak models.
       plots: write the PNG plots.
-      verbose: print the results table.
+      verbose: log the results table (logger ``jaxsplit.patch``, level INFO).
 
     Returns:
       The results dict, also written to ``patch/patch_results.json``.
@@ -1101,9 +1016,9 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
             for kind in ("underfit", "overfit")}
     (out_dir / "patch_results.json").write_text(json.dumps(results, indent=2))
     if plots:
-        plot_results(results, out_dir)
+        jplots.plot_patch_results(results, out_dir)
     if verbose:
-        print(format_table(results))
+        log.info("%s", format_table(results))
     return results
 
 

@@ -1,4 +1,4 @@
-"""Patching hyper-parameters (SPEC §8)."""
+"""Patching hyper-parameters (docs/method.md §8)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class PatchConfig:
-    """Patching weak models with modules (SPEC §8); see `jaxsplit.patch` for the protocol.
+    """Patching weak models with modules (docs/method.md §8); see `jaxsplit.patch` for the protocol.
 
     task "self": the strong model (the run's model) is trained on `strong_classes`
     (or on all classes); the weak model on `weak_classes` + one target class (TC)

@@ -1,6 +1,6 @@
 """From a config to data and a model: the glue every stage (train, modularize, patch) shares.
 
-`prepare_data(cfg.data)` applies the data protocol of SPEC §2 on top of `jaxsplit.data`:
+`prepare_data(cfg.data)` applies the data protocol of docs/method.md §2 on top of `jaxsplit.data`:
 load the train and test splits, optionally keep (and relabel) a subset of classes, optionally
 sub-sample the train split (`train_limit`, for fast presets), split train 80/20 into
 train/valid with the fixed seed (reference 1009), zero-pad to `image_size` (28 -> 32 for
@@ -89,7 +89,7 @@ def load_splits(
 
 
 def prepare_data(data_cfg: DataConfig) -> tuple[jdata.Dataset, jdata.Dataset, jdata.Dataset]:
-    """The train, valid and test splits of a config's dataset (SPEC §2).
+    """The train, valid and test splits of a config's dataset (docs/method.md §2).
 
     Steps: load train/test (`data.source`, `data.name`, `data.data_dir`); keep and relabel
     `data.classes` (given order = new label order); keep a fixed-seed random `data.train_limit`

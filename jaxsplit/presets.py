@@ -7,7 +7,7 @@ SimCNN on Fashion-MNIST sized for a 2-core CPU, with the demo's budget for every
   benchmarks/results/train.json);
 * search: 16 individuals per class, 10 generations, 1,000 valid images, the CPU initial
   population (importance-led: `init_temperature` 1, conv_0/conv_1 kept whole; see
-  configs/fashion_mnist_cpu_modularize.yaml for why, and for the larger issue-5 budget);
+  configs/fashion_mnist_cpu_modularize.yaml for why, and for the larger CPU search budget);
 * patch: the "self" task on the demo's one 10-class strong model: its modules of classes 0-4
   patch weak CNNs trained for 3 epochs on classes 5-9 + that class (500 training images of
   each class, as in the reference's CIFAR-100 task).

@@ -33,6 +33,8 @@ __all__ = ["write_report", "render_report", "ReportError"]
 
 MAX_ROWS = 20  # rows of a record table before it is cut
 MAX_INLINE = 12  # a list of scalars longer than this is summarised
+# bookkeeping keys of the stages' JSON that mean nothing to a reader of the report
+HIDDEN_KEYS = frozenset({"stats_source", "class_names", "data"})
 
 
 class ReportError(FileNotFoundError):
@@ -97,10 +99,15 @@ def _cell(v: Any) -> str:
     return "…"
 
 
+def _empty(v: Any) -> bool:
+    return v is None or v == "" or (isinstance(v, (list, dict)) and not v)
+
+
 def _render_records(records: list[Mapping], indent: str = "") -> list[str]:
     keys: list[str] = []
     for r in records:
-        keys.extend(k for k in r if k not in keys)
+        keys.extend(k for k in r if k not in keys and k not in HIDDEN_KEYS)
+    keys = [k for k in keys if not all(_empty(r.get(k)) for r in records)]  # no empty columns
     rows = records if len(records) <= MAX_ROWS else records[: MAX_ROWS // 2] + records[-MAX_ROWS // 2:]
     lines = _table(keys, [[_cell(r.get(k, "")) for k in keys] for r in rows])
     if len(records) > MAX_ROWS:
@@ -113,6 +120,7 @@ def _render_json(obj: Any, title: str, level: int = 3) -> list[str]:
     heading = "#" * min(level, 6)
     lines: list[str] = []
     if isinstance(obj, Mapping):
+        obj = {k: v for k, v in obj.items() if not _empty(v) and k not in HIDDEN_KEYS}
         scalars = [(k, v) for k, v in obj.items() if _is_scalar(v)]
         short_lists = [(k, v) for k, v in obj.items()
                        if isinstance(v, list) and all(_is_scalar(x) for x in v)]
@@ -208,6 +216,10 @@ def _modularize_section(run_dir: Path) -> list[str]:
         return lines + _missing("modularization results", "modularize/summary.json", "jaxsplit modularize")
     if summary.is_file():
         data, err = _read_json(summary)
+        per_class = data.get("per_class") if isinstance(data, Mapping) else None
+        if _is_records(per_class):
+            lines += ["### Modules", ""] + _modules_table(per_class)
+            data = {k: v for k, v in data.items() if k != "per_class"}
         lines += ["### Summary", ""] + ([f"_{err}_", ""] if err else _render_json(data, "summary", 4))
     else:
         lines += ["_No `modularize/summary.json` yet (search not finished?)._", ""]
@@ -217,6 +229,19 @@ def _modularize_section(run_dir: Path) -> list[str]:
         lines += [f"_{err}_", ""] if err else _render_json(data, "history", 4)
     lines += _images(folder, run_dir)
     return lines
+
+
+def _modules_table(per_class: list[Mapping]) -> list[str]:
+    """One row per class module: its size as % of the model (kernels, parameters, MACs)."""
+    rows = []
+    for r in per_class:
+        name = r.get("name", r.get("class", "?"))
+        kept = r.get("kept_kernels")
+        rows.append([str(name), _fmt(kept) if kept is not None else "",
+                     _pct(r.get("kept_fraction")), _pct(r.get("params_fraction")), _pct(r.get("macs_fraction"))])
+    header = ["class", "kernels kept", "kernels %", "parameters %", "MACs %"]
+    keep = [i for i in range(len(header)) if i == 0 or any(row[i] not in ("", "None") for row in rows)]
+    return _table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
 
 
 def _metric_row(label: str, m: Mapping) -> list[str]:
@@ -237,6 +262,7 @@ def _patch_section(run_dir: Path) -> list[str]:
     if err or not isinstance(res, Mapping):
         return lines + [f"_{err or 'patch_results.json is not a JSON object'}_", ""]
     primary = res.get("primary_calibration")
+    names = _tc_names(res, run_dir)
     lines += [f"Task: **{res.get('task', '?')}**. {res.get('protocol', '')}", ""]
     weak = res.get("weak_model")
     if isinstance(weak, Mapping):
@@ -266,12 +292,12 @@ def _patch_section(run_dir: Path) -> list[str]:
             a = r.get("module_patch", {}).get(primary, {})
             w = r.get("whole_model_patch", {}).get(primary, {})
             size = r.get("module", {})
-            rows.append([str(tc), _pct(b.get("tc_precision")), _pct(a.get("tc_precision")),
+            rows.append([names.get(str(tc), str(tc)), _pct(b.get("tc_precision")), _pct(a.get("tc_precision")),
                          _pct(b.get("tc_recall")), _pct(a.get("tc_recall")),
                          _pct(b.get("non_tc_accuracy")), _pct(a.get("non_tc_accuracy")),
                          _pct(w.get("tc_f1")), _pct(a.get("tc_f1")),
                          _pct(size.get("macs_fraction")), _pct(size.get("params_fraction"))])
-        lines += _table(["TC", "prec before", "prec after", "recall before", "recall after",
+        lines += _table(["target class", "prec before", "prec after", "recall before", "recall after",
                          "non-TC before", "non-TC after", "F1 whole model", "F1 module",
                          "module MACs %", "module params %"], rows)
         poor = [(tc, r["poor_fit"]) for tc, r in per_tc.items() if isinstance(r.get("poor_fit"), Mapping)]
@@ -282,13 +308,214 @@ def _patch_section(run_dir: Path) -> list[str]:
                 for kind, r in pf.items():
                     b = r.get("before", {})
                     a = r.get("module_patch", {}).get(primary, {})
-                    rows.append([f"{tc} {kind}", _pct(b.get("tc_precision")), _pct(a.get("tc_precision")),
+                    rows.append([f"{names.get(str(tc), str(tc))}, {kind}", _pct(b.get("tc_precision")),
+                                 _pct(a.get("tc_precision")),
                                  _pct(b.get("tc_recall")), _pct(a.get("tc_recall")),
                                  _pct(b.get("non_tc_accuracy")), _pct(a.get("non_tc_accuracy"))])
-            lines += _table(["TC / model", "prec before", "prec after", "recall before", "recall after",
+            lines += _table(["target class, weak model", "prec before", "prec after", "recall before", "recall after",
                              "non-TC before", "non-TC after"], rows)
     lines += _images(folder, run_dir)
     lines += ["Full results: [`patch/patch_results.json`](patch/patch_results.json).", ""]
+    return lines
+
+
+# -- summary ----------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    data, err = _read_json(path)
+    return None if err else data
+
+
+def _dataset_name(run_dir: Path, patch: Any) -> str | None:
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        name = (cfg.get("data") or {}).get("name")
+        if name:
+            return str(name)
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    return patch.get("dataset") if isinstance(patch, Mapping) else None
+
+
+FAMILY_TITLES = {"simcnn": "SimCNN", "rescnn": "ResCNN", "weak_cnn": "weak CNN"}
+DATASET_TITLES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10",
+                  "cifar100": "CIFAR-100", "svhn": "SVHN", "svhn_cropped": "SVHN"}
+
+
+def _tc_names(res: Mapping, run_dir: Path) -> dict[str, str]:
+    """`{per_tc key: class name}` of a patching result (dataset class ids -> names)."""
+    from jaxsplit.data.names import class_names
+
+    dataset = res.get("dataset") or _dataset_name(run_dir, res)
+    out = {}
+    for tc in res.get("per_tc", {}) or {}:
+        try:
+            out[str(tc)] = class_names(dataset, (int(tc),))[0]
+        except (ValueError, TypeError):
+            out[str(tc)] = str(tc)
+    return out
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _count(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?"
+
+
+def _arrow(before: Any, after: Any) -> str:
+    b, a = _num(before), _num(after)
+    if b is None or a is None:
+        return "n/a"
+    return f"{100 * b:.2f}% → {100 * a:.2f}% ({_minus(100 * (a - b))} points)"
+
+
+def _minus(x: float) -> str:
+    """A signed number with a real minus sign: +1.20, −0.40."""
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def _summary_section(run_dir: Path) -> list[str]:
+    """What ran, the headline figures and a plain verdict, from whatever stages have results."""
+    metrics = _load(run_dir / "metrics.json")
+    summary = _load(run_dir / "modularize" / "summary.json")
+    patch = _load(run_dir / "patch" / "patch_results.json")
+    metrics = metrics if isinstance(metrics, Mapping) else {}
+    summary = summary if isinstance(summary, Mapping) else {}
+    patch = patch if isinstance(patch, Mapping) else {}
+    if not (metrics or summary or patch):
+        return ["## Summary", "", "_No stage has results yet._", ""]
+    dataset = _dataset_name(run_dir, patch)
+    title = DATASET_TITLES.get(str(dataset), str(dataset)) if dataset else "the dataset"
+    lines = ["## Summary", ""]
+
+    ran = []
+    model = metrics.get("model") if isinstance(metrics.get("model"), Mapping) else {}
+    if metrics:
+        family = model.get("family", "the model")
+        width = f" (width {_fmt(model['width'])})" if "width" in model else ""
+        size = f", {metrics['num_params']:,} parameters" if isinstance(metrics.get("num_params"), int) else ""
+        family = FAMILY_TITLES.get(str(family), str(family))
+        ran.append(f"**training**: {family}{width}{size}, trained on {title}"
+                   + (f" ({metrics['num_classes']} classes, {metrics['num_train']:,} training images)"
+                      if isinstance(metrics.get("num_classes"), int) and isinstance(metrics.get("num_train"), int)
+                      else ""))
+    if summary:
+        gens = summary.get("generations_run")
+        ran.append(f"**modularization**: one module per class, found by the `{summary.get('strategy', '?')}` "
+                   f"search ({summary.get('population_size', '?')} individuals per class, {gens} generations, "
+                   f"{_count(summary.get('num_valid_images'))} validation images as the search set)")
+    names = _tc_names(patch, run_dir) if patch else {}
+    if patch:
+        ran.append(f"**patching**: task `{patch.get('task', '?')}`; for each target class (TC) — "
+                   f"{', '.join(names.values())} — a weak model trained with that class last is patched "
+                   f"with the class's module (calibration `{patch.get('primary_calibration', '?')}`), "
+                   f"measured on the test split")
+    lines += ["What ran:", ""] + [f"- {r}" for r in ran] + [""]
+
+    rows: list[tuple[str, str]] = []
+    verdict: list[str] = []
+    model_test = _num(summary.get("model_test_accuracy")) or _num(metrics.get("test_accuracy"))
+    if model_test is not None:
+        rows.append(("model, test accuracy", f"{100 * model_test:.2f}%"))
+    ens_test, ens_search = _num(summary.get("ensemble_test_accuracy")), _num(summary.get("ensemble_valid_accuracy"))
+    if ens_test is not None:
+        loss = None if model_test is None else model_test - ens_test
+        rows.append(("module ensemble, test accuracy", f"{100 * ens_test:.2f}%"
+                     + ("" if loss is None else f" ({_minus(-100 * loss)} points against the model)")))
+        if loss is not None:
+            verdict.append(
+                f"Used together, the modules classify the test set {100 * loss:.2f} points "
+                f"{'worse' if loss >= 0 else 'better'} than the model"
+                + (" — within the reference's loss of about 2.9 points." if loss <= 0.03 else
+                   " — more than the reference's loss of about 2.9 points (a small search budget costs accuracy)."))
+    if ens_search is not None:
+        gap = None if ens_test is None else ens_search - ens_test
+        rows.append(("module ensemble, search-set accuracy", f"{100 * ens_search:.2f}%"
+                     + ("" if gap is None else f" ({100 * gap:.2f} points {'above' if gap >= 0 else 'below'} "
+                                             f"the test accuracy)")))
+        if gap is not None and gap > 0.01:
+            verdict.append(f"The search-set accuracy is {100 * gap:.2f} points above the test accuracy: the GA "
+                           f"chose the modules on those images, so the test figure is the one to trust.")
+    kept = [(summary.get(k), w) for k, w in (("mean_kept_fraction", "kernels"),
+                                              ("mean_params_fraction", "parameters"),
+                                              ("mean_macs_fraction", "MACs"))]
+    kept = [f"{100 * v:.1f}% of the {w}" for v, w in kept if _num(v) is not None]
+    if kept:
+        rows.append(("a module keeps (mean over classes)", ", ".join(kept)))
+    if _num(summary.get("ensemble_diff")) is not None:
+        rows.append(("ensemble difference (1 − Jaccard)", f"{100 * summary['ensemble_diff']:.2f}%"))
+
+    avg = patch.get("average") if isinstance(patch.get("average"), Mapping) else {}
+    primary = patch.get("primary_calibration")
+    if avg:
+        before = avg.get("before", {}) or {}
+        after = (avg.get("module_patch", {}) or {}).get(primary, {}) or {}
+        n = len(patch.get("per_tc", {}) or {})
+        for key, label in (("tc_precision", "TC precision"), ("tc_recall", "TC recall"),
+                           ("non_tc_accuracy", "non-TC accuracy")):
+            rows.append((f"{label}, mean over {n} target classes", _arrow(before.get(key), after.get(key))))
+    per_tc = patch.get("per_tc") if isinstance(patch.get("per_tc"), Mapping) else {}
+    if per_tc:
+        both = []
+        for tc, r in per_tc.items():
+            b = r.get("before", {}) or {}
+            a = (r.get("module_patch", {}) or {}).get(primary, {}) or {}
+            dp = (_num(a.get("tc_precision")) or 0.0) - (_num(b.get("tc_precision")) or 0.0)
+            dr = (_num(a.get("tc_recall")) or 0.0) - (_num(b.get("tc_recall")) or 0.0)
+            if dp > 0 and dr > 0:
+                both.append(names.get(str(tc), str(tc)))
+        rows.append(("target classes improved on both precision and recall",
+                     f"{len(both)} of {len(per_tc)}" + (f" ({', '.join(both)})" if both else "")))
+        acc = patch.get("acceptance") if isinstance(patch.get("acceptance"), Mapping) else {}
+        if acc:
+            passed = bool(acc.get("passed"))
+            verdict.append(
+                f"Patching {'meets' if passed else 'does not meet'} its acceptance criterion "
+                f"({acc.get('criterion', '?')}): on average TC precision "
+                f"{_signed_pts(acc.get('delta_tc_precision'))}, TC recall {_signed_pts(acc.get('delta_tc_recall'))} "
+                f"and non-TC accuracy {_signed_pts(acc.get('delta_non_tc_accuracy'))} points. "
+                + _both_sentence(len(both), len(per_tc)))
+    if rows:
+        lines += _table(["headline", "value"], rows)
+    if verdict:
+        lines += ["**Verdict.** " + " ".join(verdict), ""]
+    return lines
+
+
+def _both_sentence(both: int, total: int) -> str:
+    if both == total:
+        return f"All {total} target classes gain on both precision and recall."
+    if both == 0:
+        return ("No single target class gains on both precision and recall: each one trades one for the "
+                "other, so the average gain is a mix of trade-offs, not a uniform improvement.")
+    return (f"{both} of {total} target classes gain on both precision and recall; the others trade one "
+            f"for the other.")
+
+
+def _data_section(run_dir: Path) -> list[str]:
+    """The data the model was trained on (metrics.json `data`: source, path, checksums), if recorded."""
+    metrics = _load(run_dir / "metrics.json")
+    data = metrics.get("data") if isinstance(metrics, Mapping) else None
+    if not isinstance(data, Mapping) or not data:
+        return []
+    lines = ["## Data", ""]
+    rows = [(k, _fmt(v)) for k, v in data.items() if _is_scalar(v) and not _empty(v)]
+    rows += [(k, ", ".join(_fmt(x) for x in v)) for k, v in data.items()
+             if isinstance(v, list) and v and all(_is_scalar(x) for x in v)]
+    if rows:
+        lines += _table(["", "value"], rows)
+    for k, v in data.items():
+        if isinstance(v, Mapping) and v:
+            flat = [(name, val) for name, val in v.items() if _is_scalar(val)]
+            if flat:
+                lines += [f"{k}:", ""] + _table(["file" if "checksum" in k or "sha" in k else "key", "value"],
+                                                [(str(a), f"`{b}`" if isinstance(b, str) else _fmt(b))
+                                                 for a, b in flat])
     return lines
 
 
@@ -301,7 +528,8 @@ def render_report(run_dir: str | Path) -> str:
     if not run_dir.is_dir():
         raise ReportError(f"run folder {str(run_dir)!r} does not exist")
     lines = [f"# jaxsplit report: {run_dir.name}", ""]
-    for section in (_config_section, _training_section, _modularize_section, _patch_section):
+    for section in (_summary_section, _data_section, _config_section, _training_section,
+                    _modularize_section, _patch_section):
         lines += section(run_dir)
     return "\n".join(lines).rstrip() + "\n"
 

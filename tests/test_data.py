@@ -20,11 +20,10 @@ from jaxsplit.data.dataset import DataError, DataNotFoundError, Dataset
 
 
 def _shared_data_dir() -> Path | None:
-    """``$JAXSPLIT_DATA_DIR`` (set by ``make test``), else ``<repo>/../shared/datasets``."""
+    """``$JAXSPLIT_DATA_DIR`` (``make test`` sets it when a datasets folder is found)."""
     candidates = []
     if os.environ.get("JAXSPLIT_DATA_DIR"):
         candidates.append(Path(os.environ["JAXSPLIT_DATA_DIR"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "datasets")
     for base in candidates:
         if (base / "fashion-mnist" / "train-images-idx3-ubyte.gz").is_file():
             return base

@@ -1,4 +1,4 @@
-"""Tests of the population evaluator (the logit table L of SPEC §6 step 1)."""
+"""Tests of the population evaluator (the logit table L of docs/method.md §6 step 1)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Tests of the cooperative fitness (SPEC §6) against brute-force numpy."""
+"""Tests of the cooperative fitness (docs/method.md §6) against brute-force numpy."""
 
 import itertools
 

@@ -113,7 +113,7 @@ def test_interop_package_does_not_import_torch():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference key names and shapes (SPEC §1), at full width on the meta device (no memory).
+# Reference key names and shapes (docs/method.md §1), at full width on the meta device (no memory).
 
 
 @pytest.mark.torch
@@ -375,3 +375,154 @@ def test_params_that_do_not_fit_are_refused(conv):
         conv.params_to_state_dict(bad, model)
     with pytest.raises(TypeError, match="ConvNet"):
         conv.params_to_state_dict(params, "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture inferred from the tensors: pruned reference modules load as they are.
+
+
+def _pruned_state_dict(conv, model, params, mask, style):
+    """A reference-style module: the state_dict of `model` with only `mask`'s kernels kept
+    (conv outputs and the next conv's inputs sliced; the first Linear's columns follow the last
+    conv's kept channels, a 1x1 last map; the last Linear keeps all N outputs)."""
+    full = {k: v.numpy() for k, v in conv.params_to_state_dict(params, model, style=style).items()}
+    names = model.conv_spec().names
+    out, prev = {}, None
+    for name in names:
+        keep = np.flatnonzero(mask[name])
+        prefix = f"{name}.0" if style == "rescnn" else name
+        w = full[f"{prefix}.weight"][keep]
+        out[f"{prefix}.weight"] = w if prev is None else w[:, prev]
+        out[f"{prefix}.bias"] = full[f"{prefix}.bias"][keep]
+        prev = keep
+    fc = [k[: -len(".weight")] for k in full if k.endswith(".weight") and not k.startswith("conv_")]
+    for j, prefix in enumerate(fc):
+        w = full[f"{prefix}.weight"]
+        out[f"{prefix}.weight"] = w[:, prev] if j == 0 else w
+        out[f"{prefix}.bias"] = full[f"{prefix}.bias"]
+    return out
+
+
+def _random_tied_mask(model, seed, keep=0.5):
+    from jaxsplit import masks as masks_lib
+
+    spec = model.conv_spec()
+    rng = np.random.default_rng(seed)
+    mask = {}
+    for name in spec.free_layers:
+        m = rng.random(spec.layer(name).num_kernels) < keep
+        m[rng.integers(len(m))] = True  # never empty
+        mask[name] = m
+    return {k: np.asarray(v) for k, v in masks_lib.tie(mask, spec).items()}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("family", ["simcnn", "rescnn"])
+def test_load_state_dict_infers_a_pruned_reference_module(torch, conv, tmp_path, family):
+    model = (simcnn if family == "simcnn" else rescnn)(num_classes=5, width=0.125)
+    params = random_params(model, 3)
+    for seed in range(2):
+        mask = _random_tied_mask(model, seed, keep=0.7)
+        sd = _pruned_state_dict(conv, model, params, mask, family)
+        path = tmp_path / f"module_{family}_{seed}.pth"
+        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, path)
+        small, small_params = conv.load_state_dict(path)  # no model given: inferred
+        kept = {n: int(m.sum()) for n, m in mask.items()}
+        assert small.conv_spec().num_kernels == kept
+        assert small.num_classes == 5 and small.in_channels == 3 and small.image_size == 32
+        assert small.conv_spec().ties == model.conv_spec().ties
+        x = _images(model, seed)
+        # the module outputs all N logits, equal to the masked full model's (a deep random net
+        # with half its kernels gives small logits: compared relative to their spread)
+        got = _jax_logits(small, small_params, x)
+        want = _jax_logits(model, params, x, masks={k: jax.numpy.asarray(v) for k, v in mask.items()})
+        assert got.shape == want.shape == (len(x), 5) and want.std() > 1e-3
+        np.testing.assert_allclose(got, want, atol=1e-3 * want.std(), rtol=1e-4)
+
+
+def test_model_from_state_dict_round_trips_every_family(conv):
+    for model in (simcnn(width=0.125), rescnn(width=0.125, num_classes=7),
+                  weak_cnn(num_classes=6, in_channels=1), simcnn(num_classes=1, width=0.25, in_channels=1)):
+        sd = conv.params_to_state_dict(random_params(model, 0), model)
+        assert conv.model_from_state_dict(sd) == model  # family from the keys / conv count
+    weak = weak_cnn(num_classes=6, widths=(4, 8), image_size=16)
+    sd = conv.params_to_state_dict(random_params(weak, 0), weak)
+    assert conv.model_from_state_dict(sd).image_size == 16  # from the 8*4*4 inputs of the Linear
+    with pytest.raises(conv.StateDictError, match="after 2 pools gives 8x8"):
+        conv.model_from_state_dict(sd, image_size=32)
+
+
+def test_model_from_state_dict_errors_name_the_problem(conv):
+    model = rescnn(width=0.125)
+    sd = {k: v.numpy() for k, v in conv.params_to_state_dict(random_params(model, 0), model).items()}
+    bad = dict(sd)
+    bad["conv_3.0.weight"] = sd["conv_3.0.weight"][:3]  # conv_3 adds conv_1: widths differ
+    bad["conv_3.0.bias"] = sd["conv_3.0.bias"][:3]
+    bad["conv_4.0.weight"] = sd["conv_4.0.weight"][:, :3]
+    with pytest.raises(conv.StateDictError, match="residual add needs equal widths"):
+        conv.model_from_state_dict(bad)
+    chain = dict(sd)
+    chain["conv_4.0.weight"] = sd["conv_4.0.weight"][:, :3]
+    with pytest.raises(conv.StateDictError, match="conv_4 weight .* 3 input channels, but conv_3 has"):
+        conv.model_from_state_dict(chain)
+    gap = {k: v for k, v in sd.items() if not k.startswith("conv_5.")}
+    with pytest.raises(conv.StateDictError, match=r"numbered \[0, 1, 2, 3, 4, 6"):
+        conv.model_from_state_dict(gap)
+    with pytest.raises(conv.StateDictError, match="no conv weights"):
+        conv.model_from_state_dict({"fc_0.weight": np.zeros((2, 3))})
+    with pytest.raises(ValueError, match="family 'vgg'"):
+        conv.model_from_state_dict(sd, family="vgg")
+    with pytest.raises(conv.StateDictError, match="family 'simcnn' has 13 convs"):
+        conv.model_from_state_dict(sd, family="simcnn", style="rescnn")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers and reference genomes (no torch needed).
+
+
+def test_nchw_nhwc_helpers_keep_the_array_kind(torch):
+    from jaxsplit.interop import reference as R
+
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)  # NCHW
+    y = R.nchw_to_nhwc(x)
+    assert y.shape == (2, 4, 5, 3) and y[1, 2, 3, 0] == x[1, 0, 2, 3]
+    np.testing.assert_array_equal(R.nhwc_to_nchw(y), x)
+    j = R.nchw_to_nhwc(jax.numpy.asarray(x))
+    assert isinstance(j, jax.Array) and np.array_equal(np.asarray(j), y)
+    t = R.nchw_to_nhwc(torch.from_numpy(x))
+    assert isinstance(t, torch.Tensor) and np.array_equal(t.numpy(), y)
+    assert isinstance(R.nhwc_to_nchw(t), torch.Tensor)
+    assert R.nchw_to_nhwc([[[[1.0]]]]).shape == (1, 1, 1, 1)  # nested lists become numpy
+    with pytest.raises(ValueError, match=r"expected a 4-d batch \(N, C, H, W\), got shape \(3, 4, 5\)"):
+        R.nchw_to_nhwc(x[0])
+
+
+def test_genome_to_mask_decodes_one_class():
+    from jaxsplit.interop import reference as R
+    from jaxsplit.search import encoding as E
+
+    for model in (simcnn(num_classes=3, width=0.125), rescnn(num_classes=3, width=0.125)):
+        spec = model.conv_spec()
+        rng = np.random.default_rng(0)
+        enc = E.build_encoding(spec, {n: rng.random((3, spec.layer(n).num_kernels)).astype(np.float32)
+                                      for n in spec.names})
+        genomes = rng.random((3, enc.num_genes)) < 0.5
+        everything = E.decode(enc, jax.numpy.asarray(genomes[:, None]))
+        for c in range(3):
+            mask = R.genome_to_mask(enc, genomes[c].astype(np.int64), c)
+            assert set(mask) == set(spec.names)
+            for name in spec.names:
+                np.testing.assert_array_equal(mask[name], np.asarray(everything[name][c, 0]))
+            for a, b in spec.ties:
+                np.testing.assert_array_equal(mask[a], mask[b])
+        # a genome with nothing on: empty layers, or kernel 0 with the reference's fallback
+        zero = R.genome_to_mask(enc, np.zeros(enc.num_genes, int), 1)
+        assert not any(m.any() for m in zero.values())
+        k0 = R.genome_to_mask(enc, np.zeros(enc.num_genes, int), 1, empty="kernel0")
+        assert all(m.sum() == 1 and m[0] for m in k0.values())
+        with pytest.raises(ValueError, match=rf"expected \({enc.num_genes},\) genes"):
+            R.genome_to_mask(enc, genomes[0, :-1], 0)
+        with pytest.raises(ValueError, match="values \\[2\\]; expected only 0 and 1"):
+            R.genome_to_mask(enc, np.full(enc.num_genes, 2), 0)
+        with pytest.raises(ValueError, match="class_id 3 is out of range: expected 0..2"):
+            R.genome_to_mask(enc, genomes[0], 3)

@@ -31,7 +31,7 @@ def _shapes(model: ConvNet):
     return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
-# -- the reference sizes (SPEC §1, issue 3) ------------------------------------------------------
+# -- the reference sizes (docs/method.md §1) -----------------------------------------------------------
 
 
 def test_simcnn_reference_params_and_macs():
@@ -86,7 +86,7 @@ def test_rescnn_conv_spec_and_ties():
     assert spec.names == tuple(f"conv_{i}" for i in range(12))
     assert tuple(spec.num_kernels.values()) == tuple(c for c, _ in RESCNN_BLOCKS)
     assert [l.pool for l in spec.layers] == [p for _, p in RESCNN_BLOCKS]
-    # SPEC: block 4 += block 2, 8 += 6, 12 += 10 (1-based)
+    # docs/method.md §1: block 4 += block 2, 8 += 6, 12 += 10 (1-based)
     assert spec.ties == (("conv_1", "conv_3"), ("conv_5", "conv_7"), ("conv_9", "conv_11"))
     assert {l.name: l.residual_from for l in spec.layers if l.residual_from} == {
         "conv_3": "conv_1", "conv_7": "conv_5", "conv_11": "conv_9"}

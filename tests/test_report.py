@@ -31,14 +31,20 @@ def _fake_run(tmp_path):
     run.mkdir(parents=True)
     config.save(config.load(overrides=["name=fake", "model.width=0.25"]), run / "config.yaml")
     (run / "metrics.json").write_text(json.dumps({
-        "test_accuracy": 0.9123, "valid_accuracy": 0.9345, "best_epoch": 7,
+        "test_accuracy": 0.9123, "valid_accuracy": 0.9345, "best_epoch": 7, "num_params": 12345,
+        "model": {"family": "simcnn", "width": 0.25}, "num_classes": 10, "num_train": 48000,
+        "data": {"source": "idx", "path": "/data/fashion-mnist",
+                 "checksums": {"train-images-idx3-ubyte.gz": "sha256:abc123"}},
         "history": [{"epoch": e, "train_loss": 1.0 / (e + 1), "valid_accuracy": 0.8 + e / 100} for e in range(40)],
     }))
     mod = run / "modularize"
     mod.mkdir()
     (mod / "summary.json").write_text(json.dumps({
-        "ensemble_valid_accuracy": 0.8765, "ensemble_diff": 0.5277,
-        "per_class": [{"class": c, "kept_fraction": 0.4 + c / 100, "macs_fraction": 0.45} for c in range(3)],
+        "ensemble_valid_accuracy": 0.8765, "ensemble_test_accuracy": 0.8512, "ensemble_diff": 0.5277,
+        "model_test_accuracy": 0.9123, "stats_source": "jaxsplit.extract.stats_from_mask", "note": None,
+        "strategy": "kernel_ga", "population_size": 16, "generations_run": 50, "num_valid_images": 1000,
+        "per_class": [{"class": c, "name": n, "kept_fraction": 0.4 + c / 100, "macs_fraction": 0.45}
+                      for c, n in enumerate(("T-shirt/top", "Trouser", "Pullover"))],
     }))
     (mod / "history.json").write_text(json.dumps({"best_fitness": [0.1 * g for g in range(50)]}))
     _png(mod / "search_curves.png")
@@ -49,9 +55,11 @@ def _fake_run(tmp_path):
         "task": "self", "protocol": "strong model trained on all 10 classes", "primary_calibration": "min_max",
         "calibrations": ["min_max", "platt"], "target_classes": [0, 1],
         "weak_model": {"name": "weak_cnn", "width": 0.5, "epochs": 2},
-        "per_tc": {str(tc): {"before": before, "module_patch": {"min_max": after, "platt": after},
+        "dataset": "fashion_mnist",
+        "per_tc": {str(tc): {"before": before, "module_patch": {"min_max": a, "platt": a},
                              "whole_model_patch": {"min_max": whole, "platt": whole},
-                             "module": {"macs_fraction": 0.4567, "params_fraction": 0.5}} for tc in (0, 1)},
+                             "module": {"macs_fraction": 0.4567, "params_fraction": 0.5}}
+                   for tc, a in ((0, after), (6, _metrics(0.9, 0.45, 0.97)))},
         "average": {"before": before, "module_patch": {"min_max": after, "platt": after},
                     "whole_model_patch": {"min_max": whole}},
         "acceptance": {"calibration": "min_max", "criterion": "precision and recall up, non-TC drop <= 1 pt",
@@ -72,10 +80,12 @@ def test_report_contains_every_stage(tmp_path):
     # training
     assert "0.9123" in text and "best_epoch" in text and "40 rows" in text
     # modularization: scalars, per-class table, summarised series, plot link
-    assert "0.8765" in text and "kept_fraction" in text and "50 values" in text
+    assert "0.8765" in text and "50 values" in text
+    assert "| class | kernels % | MACs % |" in text and "| T-shirt/top | 40.00 | 45.00 |" in text
     assert "![search_curves](modularize/search_curves.png)" in text
     # patching: averages and per-TC percentages, acceptance, plot
     assert "61.11" in text and "82.22" in text and "73.33" in text
+    assert "| Shirt | 61.11 | 90.00 |" in text  # per-TC rows by class name
     assert "PASSED" in text and "+21.11" in text
     assert "45.67" in text  # module MACs %
     assert "![patch_tc_bars](patch/patch_tc_bars.png)" in text
@@ -101,3 +111,39 @@ def test_report_survives_corrupt_json(tmp_path):
 def test_report_missing_folder(tmp_path):
     with pytest.raises(report.ReportError, match="does not exist"):
         report.write_report(tmp_path / "nope")
+
+
+def test_report_opens_with_a_summary(tmp_path):
+    text = report.write_report(_fake_run(tmp_path)).read_text()
+    head = text[: text.index("## Configuration")]
+    assert head.startswith("# jaxsplit report: fake\n\n## Summary")
+    assert "SimCNN (width 0.25), 12,345 parameters, trained on Fashion-MNIST" in head
+    assert "`kernel_ga` search (16 individuals per class, 50 generations, 1,000 validation images" in head
+    assert "| module ensemble, test accuracy | 85.12% (−6.11 points against the model) |" in head
+    assert "87.65% (2.53 points above the test accuracy)" in head  # the search-set gap
+    assert "| TC precision, mean over 2 target classes | 61.11% → 82.22% (+21.11 points) |" in head
+    # T-shirt/top gains on both; Shirt gains precision but loses recall
+    assert "| target classes improved on both precision and recall | 1 of 2 (T-shirt/top) |" in head
+    assert "**Verdict.**" in head and "meets its acceptance criterion" in head
+    assert "1 of 2 target classes gain on both precision and recall; the others trade" in head
+    assert text.count("target class (TC)") == 1 and "T-shirt/top, Shirt" in head
+    # the data the model was trained on
+    assert "## Data" in text and "/data/fashion-mnist" in text and "`sha256:abc123`" in text
+    # no internal keys, no empty rows
+    assert "stats_source" not in text and "| note |" not in text
+
+
+def test_summary_verdict_when_patching_fails(tmp_path):
+    run = _fake_run(tmp_path)
+    path = run / "patch" / "patch_results.json"
+    res = json.loads(path.read_text())
+    res["acceptance"]["passed"] = False
+    path.write_text(json.dumps(res))
+    text = report.render_report(run)
+    assert "does not meet its acceptance criterion" in text
+    for r in res["per_tc"].values():  # every class: precision up, recall down
+        r["module_patch"]["min_max"] = _metrics(0.9, 0.45, 0.97)
+    path.write_text(json.dumps(res))
+    text = report.render_report(run)
+    assert "| target classes improved on both precision and recall | 0 of 2 |" in text
+    assert "No single target class gains on both precision and recall" in text

@@ -278,7 +278,6 @@ def test_build_model_passes_dropout_only_when_set():
 
 def _fashion_mnist_dir() -> Path | None:
     candidates = [Path(os.environ["JAXSPLIT_DATA_DIR"])] if os.environ.get("JAXSPLIT_DATA_DIR") else []
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "datasets")
     for base in candidates:
         for d in (base / "fashion-mnist", base):
             if (d / "train-images-idx3-ubyte.gz").is_file() or (d / "train-images-idx3-ubyte").is_file():

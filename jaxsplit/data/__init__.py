@@ -30,6 +30,7 @@ from jaxsplit.data.idx import (
     read_idx_images,
     read_idx_labels,
 )
+from jaxsplit.data.names import CIFAR100_CLASS_NAMES, DIGIT_CLASS_NAMES, class_name, class_names
 from jaxsplit.data.sources import (
     CIFAR10_CLASS_NAMES,
     SOURCES,
@@ -43,7 +44,9 @@ from jaxsplit.data.sources import (
 )
 
 __all__ = [
+    "CIFAR100_CLASS_NAMES",
     "CIFAR10_CLASS_NAMES",
+    "DIGIT_CLASS_NAMES",
     "DATA_DIR_ENV",
     "DataError",
     "DataNotFoundError",
@@ -58,6 +61,8 @@ __all__ = [
     "as_rng",
     "batches",
     "candidate_dirs",
+    "class_name",
+    "class_names",
     "compute_mean_std",
     "concat",
     "find_idx_files",

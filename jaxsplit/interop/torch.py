@@ -1,6 +1,6 @@
 """Convert between PyTorch `state_dict`s (reference layout) and jaxsplit params.
 
-Layouts (SPEC §1):
+Layouts (docs/method.md §1):
 
 - Conv: torch `weight` is OIHW `(K, C_in, 3, 3)`; jaxsplit `kernel` is HWIO `(3, 3, C_in, K)`.
 - Linear: torch `weight` is `(out, in)`; jaxsplit Dense `kernel` is `(in, out)`.
@@ -19,12 +19,18 @@ Key naming styles:
 `state_dict_to_params` detects the style from the keys; `params_to_state_dict` takes it as an
 option ("auto": "rescnn" for models with residual adds, else "simcnn").
 
+`model_from_state_dict` reads the architecture off the tensors (every layer's width, the input
+channels, the head widths and the class count), so a pruned reference module, whose layers
+keep fewer kernels than the model's, loads without building its `ConvNet` by hand:
+`model, params = load_state_dict("module_3.pth")`.
+
 This module imports torch; `jaxsplit.interop` itself does not (install the `torch` extra).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -34,8 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from jaxsplit.interop.torch_models import STYLES, default_style
-from jaxsplit.models.convnet import ConvNet
+from jaxsplit.interop.torch_models import (
+    RESCNN_ADDS,
+    RESCNN_LAYOUT,
+    SIMCNN_CONV_WIDTHS,
+    SIMCNN_POOL_AFTER,
+    STYLES,
+    default_style,
+)
+from jaxsplit.models.convnet import ConvLayerDef, ConvNet
 
 
 class StateDictError(ValueError):
@@ -258,19 +271,32 @@ def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
     return obj
 
 
-def load_state_dict(path: str | os.PathLike, model: ConvNet, style: str = "auto") -> dict:
-    """jaxsplit params of `model` from a PyTorch `.pth`/`.pt` file.
+def load_state_dict(path: str | os.PathLike, model: ConvNet | None = None, style: str = "auto",
+                    *, family: str = "auto", image_size: int | None = None):
+    """jaxsplit params from a PyTorch `.pth`/`.pt` file.
 
     Reads with `torch.load(path, map_location="cpu", weights_only=True)` (no pickled code is
     run). The file may hold a bare state_dict, or a dict with it under "state_dict" or
     "model"; a "module." prefix on every key (nn.DataParallel) is dropped.
 
+    Args:
+      path: the file.
+      model: the `ConvNet` the weights are for; None to infer it from the tensors
+        (`model_from_state_dict`), e.g. for a reference module with pruned layers.
+      style: key naming, "auto", "simcnn" or "rescnn".
+      family, image_size: passed to `model_from_state_dict` when `model` is None.
+
+    Returns:
+      `params` when `model` is given; `(model, params)` when it was inferred.
+
     Raises:
       FileNotFoundError: no such file.
       StateDictError: the file cannot be read as a torch checkpoint, or its tensors do not
-        fit `model` (see `state_dict_to_params`); the message names the path.
+        fit `model` (see `state_dict_to_params`) or no model can be inferred from them; the
+        message names the path.
     """
-    _check_model(model)
+    if model is not None:
+        _check_model(model)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no PyTorch state_dict file at {path}")
@@ -280,7 +306,12 @@ def load_state_dict(path: str | os.PathLike, model: ConvNet, style: str = "auto"
         raise StateDictError(f"could not read a PyTorch state_dict from {path}: "
                              f"{type(e).__name__}: {e}") from e
     try:
-        return state_dict_to_params(_unwrap(obj, path), model, style)
+        state_dict = _unwrap(obj, path)
+        if model is None:
+            inferred = model_from_state_dict(state_dict, family=family, image_size=image_size,
+                                             style=style)
+            return inferred, state_dict_to_params(state_dict, inferred, style)
+        return state_dict_to_params(state_dict, model, style)
     except StateDictError as e:
         raise StateDictError(f"{path}: {e}") from e
 
@@ -295,3 +326,137 @@ def save_state_dict(params: Mapping[str, Any], model: ConvNet, path: str | os.Pa
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state_dict, path)
+
+
+# -- inferring the architecture from the tensors --------------------------------------------
+
+_FLAT_CONV = re.compile(r"^conv_(\d+)\.(weight|bias)$")
+_RES_CONV = re.compile(r"^conv_(\d+)\.0\.(weight|bias)$")
+_FLAT_FC = re.compile(r"^fc_(\d+)\.(weight|bias)$")
+_RES_FC = re.compile(r"^classifier\.(\d+)\.(weight|bias)$")
+FAMILIES = ("auto", "simcnn", "rescnn", "weak_cnn")
+
+
+def _indexed(shapes: Mapping[str, tuple[int, ...]],
+             pattern: re.Pattern) -> tuple[list[tuple[int, ...]], list[int]]:
+    """`(weight shapes, indices)` of the `weight` keys matching `pattern`, by ascending index."""
+    found = {}
+    for key, shape in shapes.items():
+        m = pattern.match(key)
+        if m and m.group(2) == "weight":
+            found[int(m.group(1))] = tuple(shape)
+    return [found[i] for i in sorted(found)], sorted(found)
+
+
+def model_from_state_dict(state_dict: Mapping[str, Any], family: str = "auto",
+                          image_size: int | None = None, style: str = "auto") -> ConvNet:
+    """The jaxsplit `ConvNet` whose parameters have the shapes of `state_dict`'s tensors.
+
+    Every conv layer's width comes from its `weight` (`(K, C_in, 3, 3)`), the input channels
+    from the first conv, the head widths and the class count from the Linear weights. So a
+    module of the reference (its layers keep fewer kernels; its last Linear still has all N
+    outputs) or one of jaxsplit's extracted modules loads as it is.
+
+    Which convs are followed by a 2x2 pool, and the residual adds, come from the family:
+    "simcnn" (13 convs; pools after convs 2, 4, 7, 10, 13), "rescnn" (12 blocks; the
+    reference's pools and adds 4 += 2, 8 += 6, 12 += 10) or "weak_cnn" (a pool after every
+    conv). "auto" takes "rescnn" for the ResCNN key naming, "simcnn" for 13 flat convs and
+    "weak_cnn" otherwise.
+
+    Args:
+      state_dict: `{key: tensor or array}` in either naming style (module docstring).
+      family: "auto", "simcnn", "rescnn" or "weak_cnn".
+      image_size: input height = width; None infers it from the first Linear's input size
+        (32 for the reference's models).
+      style: "auto" (from the keys), "simcnn" or "rescnn".
+
+    Returns:
+      A `ConvNet` (dropout rates of the family; they do not change inference).
+
+    Raises:
+      StateDictError: no conv weights, gaps in the layer numbers, widths that do not chain,
+        a residual add between layers of different widths, or a first Linear whose input size
+        fits no image size; the message names the key and the shapes.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: expected one of {FAMILIES}")
+    shapes = {str(k): tuple(np.shape(v)) for k, v in state_dict.items()}
+    if style == "auto":
+        style = detect_style(shapes)
+    elif style not in STYLES:
+        raise ValueError(f"style {style!r}: expected 'auto' or one of {STYLES}")
+    conv_pat, fc_pat = (_RES_CONV, _RES_FC) if style == "rescnn" else (_FLAT_CONV, _FLAT_FC)
+    convs, conv_ids = _indexed(shapes, conv_pat)
+    if not convs:
+        raise StateDictError(f"no conv weights in the state_dict ({style!r} naming: "
+                             f"{'conv_i.0.weight' if style == 'rescnn' else 'conv_i.weight'}); "
+                             f"keys are {sorted(shapes)[:8]}")
+    if conv_ids != list(range(len(convs))):
+        raise StateDictError(f"conv layers are numbered {conv_ids}; expected 0..{len(convs) - 1}")
+    for i, s in enumerate(convs):
+        if len(s) != 4 or s[2:] != (3, 3):
+            raise StateDictError(f"conv_{i} weight has shape {s}; expected (K, C_in, 3, 3)")
+        if i and s[1] != convs[i - 1][0]:
+            raise StateDictError(f"conv_{i} weight has shape {s}: {s[1]} input channels, but "
+                                 f"conv_{i - 1} has {convs[i - 1][0]} kernels")
+    fcs, fc_ids = _indexed(shapes, fc_pat)
+    if not fcs:
+        raise StateDictError(f"no Linear weights in the state_dict "
+                             f"({'classifier.k.weight' if style == 'rescnn' else 'fc_j.weight'})")
+    expected_fc = ([2 + 3 * j for j in range(len(fcs))] if style == "rescnn"
+                   else [len(convs) + j for j in range(len(fcs))])
+    if fc_ids != expected_fc:
+        raise StateDictError(f"Linear layers are numbered {fc_ids}; expected {expected_fc}")
+    for j, s in enumerate(fcs):
+        if len(s) != 2 or (j and s[1] != fcs[j - 1][0]):
+            raise StateDictError(f"Linear {fc_ids[j]} weight has shape {s}; expected "
+                                 f"(out, {fcs[j - 1][0] if j else 'in'})")
+
+    if family == "auto":
+        family = ("rescnn" if style == "rescnn" else
+                  "simcnn" if len(convs) == len(SIMCNN_CONV_WIDTHS) else "weak_cnn")
+    widths = [s[0] for s in convs]
+    residual: dict[int, int] = {}
+    if family == "simcnn":
+        if len(convs) != len(SIMCNN_CONV_WIDTHS):
+            raise StateDictError(f"family 'simcnn' has {len(SIMCNN_CONV_WIDTHS)} convs; the "
+                                 f"state_dict has {len(convs)}")
+        pools = [(i + 1) in SIMCNN_POOL_AFTER for i in range(len(convs))]
+        dropout = (0.5, 0.5, 0.0) if len(fcs) == 3 else (0.0,) * len(fcs)
+    elif family == "rescnn":
+        if len(convs) != len(RESCNN_LAYOUT):
+            raise StateDictError(f"family 'rescnn' has {len(RESCNN_LAYOUT)} blocks; the "
+                                 f"state_dict has {len(convs)}")
+        pools = [pool for _, pool in RESCNN_LAYOUT]
+        residual = {dst - 1: src - 1 for dst, src in RESCNN_ADDS.items()}
+        for dst, src in residual.items():
+            if widths[dst] != widths[src]:
+                raise StateDictError(
+                    f"conv_{dst} ({widths[dst]} kernels) adds conv_{src} ({widths[src]} kernels): "
+                    f"a residual add needs equal widths (tied masks)")
+        dropout = (0.4,) + (0.0,) * (len(fcs) - 1)
+    else:
+        pools = [True] * len(convs)
+        dropout = (0.0,) * len(fcs)
+    num_pools = sum(pools)
+    fc_in, last_c = fcs[0][1], widths[-1]
+    if fc_in % last_c:
+        raise StateDictError(f"first Linear has {fc_in} inputs, not a multiple of the last conv's "
+                             f"{last_c} channels")
+    hw = math.isqrt(fc_in // last_c)
+    if hw * hw * last_c != fc_in:
+        raise StateDictError(f"first Linear has {fc_in} inputs = {last_c} channels x "
+                             f"{fc_in // last_c}, not a square map")
+    if image_size is None:
+        image_size = hw * 2 ** num_pools  # 32 for the reference's models (1x1 after 5 pools)
+    if image_size // 2 ** num_pools != hw:
+        raise StateDictError(f"first Linear has {fc_in} inputs = {last_c} x {hw}x{hw}; a "
+                             f"{image_size}x{image_size} image after {num_pools} pools gives "
+                             f"{image_size // 2 ** num_pools}x{image_size // 2 ** num_pools}")
+    layers = tuple(ConvLayerDef(w, pool=p, residual_from=residual.get(i))
+                   for i, (w, p) in enumerate(zip(widths, pools)))
+    return ConvNet(convs=layers, hidden=tuple(s[0] for s in fcs[:-1]), head_dropout=dropout,
+                   num_classes=fcs[-1][0], in_channels=convs[0][1], image_size=image_size)
+

@@ -1,6 +1,6 @@
 """PyTorch modules with the reference (CNNSplitter) layer layout, and a generic builder.
 
-`TorchSimCNN` and `TorchResCNN` are written from SPEC §1 on their own (not built from
+`TorchSimCNN` and `TorchResCNN` are written from docs/method.md §1 on their own (not built from
 jaxsplit's layer table), so that converting their weights into a jaxsplit `ConvNet` and
 comparing logits is an independent check of both the conversion and jaxsplit's models.
 Their `state_dict` keys are exactly the reference's:
@@ -26,7 +26,7 @@ from torch import nn
 
 from jaxsplit.models.convnet import ConvNet
 
-# SPEC §1, restated here on purpose (see the module docstring).
+# docs/method.md §1, restated here on purpose (see the module docstring).
 SIMCNN_CONV_WIDTHS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
 SIMCNN_POOL_AFTER = frozenset({2, 4, 7, 10, 13})  # 1-based conv numbers
 SIMCNN_HIDDEN = 512

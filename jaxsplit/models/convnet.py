@@ -327,7 +327,7 @@ def _scale(width: int, multiplier: float) -> int:
 
 def simcnn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
            image_size: int = 32, dropout: float = 0.5) -> ConvNet:
-    """SimCNN (VGG16-like, no BatchNorm), SPEC §1; `width` scales every layer."""
+    """SimCNN (VGG16-like, no BatchNorm), docs/method.md §1; `width` scales every layer."""
     convs = tuple(
         ConvLayerDef(_scale(c, width), pool=(i + 1) in SIMCNN_POOLS)
         for i, c in enumerate(SIMCNN_WIDTHS)
@@ -338,7 +338,7 @@ def simcnn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
 
 def rescnn(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
            image_size: int = 32, dropout: float = 0.4) -> ConvNet:
-    """ResCNN (12 conv blocks, 3 residual adds), SPEC §1; masks of 2/6/10 tie to 4/8/12."""
+    """ResCNN (12 conv blocks, 3 residual adds), docs/method.md §1; masks of 2/6/10 tie to 4/8/12."""
     convs = tuple(
         ConvLayerDef(
             _scale(c, width), pool=pool,

@@ -1,4 +1,4 @@
-"""Search hyper-parameters (SPEC §4-6); reference values are the defaults."""
+"""Search hyper-parameters (docs/method.md §4-6); reference values are the defaults."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class SearchConfig:
     gamma: float = 0.9
     early_stop: int = 20  # generations without a better valid fitness; 0 disables
     num_valid: int | None = None  # use at most this many valid images (None: all)
-    # encoding (SPEC §4)
+    # encoding (docs/method.md §4)
     groups_small: int = 10  # groups for layers with fewer than `group_threshold` kernels
     groups_large: int = 100
     group_threshold: int = 256
@@ -105,7 +105,7 @@ class SearchConfig:
     importance_confidence: float = 0.9
     sensitivity: bool = False  # compute layer-sensitivity curves (and pick sensitive layers when unset)
     empty_layer: Literal["repair", "kernel0"] = "repair"  # empty layer: force its top group on / keep kernel 0 (reference)
-    # cooperative fitness (SPEC §6)
+    # cooperative fitness (docs/method.md §6)
     ensemble: Literal["hierarchical", "sampled"] = "hierarchical"
     min_kept_ensembles: int = 50
     max_kept_ensembles: int = 500

@@ -1,4 +1,4 @@
-"""The modularization search driver: importance -> encoding -> GA loop -> modules (SPEC §3-6).
+"""The modularization search driver: importance -> encoding -> GA loop -> modules (docs/method.md §3-6).
 
 `run_modularize(run_dir, cfg)` is the I/O edge. The core is the pure
 `search_step(problem, carry, key, params, images, labels, classes)`: decode
@@ -34,7 +34,7 @@ ensemble's mask per class: arrays named by conv layer, leading C axis),
 Which ensemble is "best": the one with the highest valid fitness
 `alpha·acc + (1 - alpha)·diff` over all generations (the quantity that
 drives early stopping); the hall of fame is each generation's best ensemble
-under the current acc_ratio (SPEC §6).
+under the current acc_ratio (docs/method.md §6).
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -59,12 +61,15 @@ from flax import struct
 from jaxsplit import checkpoint as ckpt
 from jaxsplit import importance as imp_lib
 from jaxsplit import masks as masks_lib
+from jaxsplit import plots
 from jaxsplit.models.convnet import ConvNet, conv_macs, count_params, head_macs
 from jaxsplit.search import encoding as enc_lib
 from jaxsplit.search import fitness as fit_lib
 from jaxsplit.search.evaluate import make_evaluator_from_config
 from jaxsplit.search.sharding import input_placement
 from jaxsplit.search.strategies import BinaryStrategy, make_strategy
+
+log = logging.getLogger(__name__)
 
 MODULARIZE_DIRNAME = "modularize"
 CKPT_DIRNAME = "search_ckpt"
@@ -348,7 +353,7 @@ def build_problem(model: ConvNet, model_name: str, importance: Mapping[str, np.n
 
 def initial_population(key: jax.Array, problem: SearchProblem, population_size: int,
                        settings: Mapping[str, Any]) -> jax.Array:
-    """Heuristic initial genomes `(C, P, G)` bool (SPEC §4)."""
+    """Heuristic initial genomes `(C, P, G)` bool (docs/method.md §4)."""
     return enc_lib.init_population(key, problem.enc, population_size, settings["sensitive"],
                                    settings["ratios_sensitive"], settings["ratios_other"],
                                    settings["temperature"])
@@ -530,7 +535,7 @@ def module_stats_fallback(model: ConvNet, mask: Mapping[str, np.ndarray]) -> dic
 
     Counts the conv layers' kept kernels (inputs follow the previous layer's
     kept kernels, residual ties are equal) and the first Dense layer's input
-    columns; the rest of the head is whole (SPEC §7). Used when
+    columns; the rest of the head is whole (docs/method.md §7). Used when
     `jaxsplit.extract` is not available.
     """
     spec = model.conv_spec()
@@ -566,39 +571,6 @@ def _module_stats(model: ConvNet, params: Any, mask: Mapping[str, np.ndarray]) -
         except Exception:  # an incompatible/unfinished extract module: fall back, stated in summary
             pass
     return module_stats_fallback(model, mask), "jaxsplit.search.driver.module_stats_fallback"
-
-
-def _plot_history(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gens = [h["generation"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    ax.plot(gens, [h["best_fitness"] for h in history], label="best ensemble fitness")
-    ax.plot(gens, [h["best_valid_fitness"] for h in history], label="valid fitness")
-    ax.plot(gens, [h["best_acc"] for h in history], label="ensemble accuracy")
-    ax.plot(gens, [h["best_diff"] for h in history], label="ensemble diff")
-    ax.set_xlabel("generation")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    kept = np.asarray([h["mean_kept_fraction"] for h in history])
-    ax.plot(gens, kept.mean(axis=1), label="population mean (all classes)")
-    ax.plot(gens, np.asarray([h["best_kept_fraction"] for h in history]).mean(axis=1),
-            label="best ensemble mean")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("fraction of kernels kept")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def final_accuracies(problem: SearchProblem, params, bits: jax.Array,
@@ -637,7 +609,7 @@ def final_accuracies(problem: SearchProblem, params, bits: jax.Array,
 def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, progress: bool = True,
                    data: tuple | None = None, evaluate_fn: Callable | None = None,
                    on_checkpoint: Callable[[int], None] | None = None) -> dict:
-    """Search per-class modules of the model trained in `run_dir` (SPEC §3-6).
+    """Search per-class modules of the model trained in `run_dir` (docs/method.md §3-6).
 
     Args:
       run_dir: a run folder with a trained model (`run_dir/checkpoint`).
@@ -706,7 +678,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     _save_npz(imp_path, {**importance, "__num_confident": result.num_confident,
                          "__num_images": result.num_images})
     for w in result.warnings:
-        print(f"warning: {w}")
+        warnings.warn(str(w), RuntimeWarning, stacklevel=2)
     importance_time = time.perf_counter() - t0
 
     evaluate_fn = evaluate_fn or make_evaluator_from_config(model, scfg)
@@ -717,8 +689,8 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
                                            evaluate_fn=evaluate_fn)
         _save_npz(out_dir / "sensitivity.npz", {"curves": curves, "ratios": np.asarray(ratios)})
         if not (out_dir / "sensitivity.png").exists():
-            imp_lib.plot_sensitivity(curves, ratios, out_dir / "sensitivity.png",
-                                     model.conv_spec().names)
+            plots.plot_sensitivity(curves, ratios, out_dir / "sensitivity.png",
+                                   model.conv_spec().names)
         sensitive_override = imp_lib.sensitive_layers(curves, ratios)
 
     problem, settings = build_problem(model, model_name, importance, scfg,
@@ -743,7 +715,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         if len(history) != start:
             raise ResumeError(f"checkpoint {str(path)!r} is inconsistent: {len(history)} history "
                               f"entries for {start} generations")
-        print(f"resuming from {path.name}: {start} generations done")
+        log.info("resuming from %s: %d generations done", path.name, start)
     else:
         carry = fresh_carry()
 
@@ -836,9 +808,11 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     history_doc = {"compile_time_s": compile_time, "generations": history}
     _save_json(out_dir / "history.json", history_doc)
     if history and not (out_dir / "curves.png").exists():
-        _plot_history(history, out_dir / "curves.png")
+        plots.plot_search_history(history, out_dir / "curves.png", ensemble_test_accuracy=test_acc,
+                                  model_test_accuracy=model_test, model_valid_accuracy=model_valid,
+                                  best_generation=int(carry.best_generation))
     _save_json(out_dir / "summary.json", summary)
-    print(format_summary(summary))
+    log.info("%s", format_summary(summary))
     return summary
 
 

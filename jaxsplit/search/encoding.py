@@ -1,4 +1,4 @@
-"""Gene encoding of kernel masks and the heuristic initial population (SPEC §4).
+"""Gene encoding of kernel masks and the heuristic initial population (docs/method.md §4).
 
 For every class c and FREE layer l (one per residual tie group,
 `spec.free_layers`), the kernels are ranked by importance (most important
@@ -172,7 +172,7 @@ def encoding_from_ranks(spec: ConvSpec, ranks: Mapping[str, np.ndarray], *, grou
 
 def build_encoding(spec: ConvSpec, importance: Mapping[str, np.ndarray], *, groups_small: int = 10,
                    groups_large: int = 100, group_threshold: int = 256) -> Encoding:
-    """The encoding of SPEC §4 from per-layer importance `{conv_name: (C, K_l)}`.
+    """The encoding of docs/method.md §4 from per-layer importance `{conv_name: (C, K_l)}`.
 
     Tie groups are ranked by their members' summed importance (`tied_importance`).
     """
@@ -285,7 +285,7 @@ def layer_counts(enc: Encoding, genes: jax.Array) -> jax.Array:
     return jnp.stack([on[..., enc.layer_slice(n)].sum(-1) for n in enc.layers], axis=-1)
 
 
-# -- heuristic initial population (SPEC §4) -----------------------------------
+# -- heuristic initial population (docs/method.md §4) -----------------------------------
 
 
 def sensitive_free_layers(enc: Encoding, sensitive: Sequence[int | str]) -> tuple[str, ...]:
@@ -313,7 +313,7 @@ def init_population(key: jax.Array, enc: Encoding, population_size: int,
                     sensitive_layers: Sequence[int | str], ratios_sensitive: Sequence[float],
                     ratios_other: Sequence[float],
                     temperature: float = REFERENCE_INIT_TEMPERATURE) -> jax.Array:
-    """Heuristic initial genomes of every class (SPEC §4).
+    """Heuristic initial genomes of every class (docs/method.md §4).
 
     For each class, individual and layer: draw an active ratio r uniformly
     from the layer's list (sensitive or other), then switch on

@@ -1,4 +1,4 @@
-"""Population evaluator: the logit table L of SPEC §6 step 1.
+"""Population evaluator: the logit table L of docs/method.md §6 step 1.
 
 For every class row c and individual i, the module "model masked with
 `masks[c, i]`" gives its class-`classes[c]` logit on every image:

@@ -8,7 +8,7 @@ Same contract as `jaxsplit.search.evaluate` (the `Evaluator` protocol):
 Why another backend: the reference backend (activation masking, shared
 weights, `vmap` over individuals) spends the full model's FLOPs on every
 module, although a module keeping a fraction f of every layer's kernels needs
-about f² of them (SPEC §7: a masked kernel is a removed kernel), and `vmap`
+about f² of them (docs/method.md §7: a masked kernel is a removed kernel), and `vmap`
 turns its convolutions into per-individual grouped convolutions, which XLA's
 CPU backend runs far below matmul speed. This backend does what CNNSplitter's
 PyTorch loop does (build each module physically, run the images through

@@ -1,4 +1,4 @@
-"""Cooperative fitness of the per-class populations (SPEC §6), on device.
+"""Cooperative fitness of the per-class populations (docs/method.md §6), on device.
 
 Inputs are the logit table `L (C, P, N)` from an evaluator
 (`jaxsplit.search.evaluate`) and the flattened kept-kernel masks
@@ -243,7 +243,7 @@ class FitnessInfo:
 
 @struct.dataclass
 class FitnessState:
-    """Across-generation state of the fitness (SPEC §6 step 6).
+    """Across-generation state of the fitness (docs/method.md §6 step 6).
 
     Attributes:
       acc_ratio: `()` float32, weight of accuracy in the ensemble fitness.
@@ -269,7 +269,7 @@ class FitnessState:
 
 
 def update_acc_ratio(best_acc: jax.Array, params: FitnessParams) -> jax.Array:
-    """`alpha + max(0, gamma - best_acc)` (SPEC §6 step 6)."""
+    """`alpha + max(0, gamma - best_acc)` (docs/method.md §6 step 6)."""
     return jnp.asarray(params.alpha + jnp.maximum(0.0, params.gamma - best_acc), jnp.float32)
 
 
@@ -602,7 +602,7 @@ def check_fitness_inputs(L, flat_masks, labels, classes, params: FitnessParams) 
 def _cooperative_fitness(key: jax.Array, L: jax.Array, flat_masks: jax.Array, labels: jax.Array,
                          classes: jax.Array, acc_ratio: jax.Array,
                          params: FitnessParams) -> tuple[jax.Array, FitnessInfo]:
-    """Cooperative fitness of all individuals (SPEC §6 steps 2-5).
+    """Cooperative fitness of all individuals (docs/method.md §6 steps 2-5).
 
     Args:
       key: PRNG key (class shuffle of the hierarchical scheme / ensemble sampling).

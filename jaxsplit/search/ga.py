@@ -1,4 +1,4 @@
-"""The reference's binary genetic algorithm as an evosax algorithm (SPEC §5).
+"""The reference's binary genetic algorithm as an evosax algorithm (docs/method.md §5).
 
 CNNSplitter evolves each class's population with a modified PyGAD
 (`src/ga.py`, after Gad 2021, https://arxiv.org/abs/2106.06158) set to:

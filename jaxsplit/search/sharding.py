@@ -1,6 +1,6 @@
 """Multi-device population evaluation: the P axis of an evaluator sharded over devices.
 
-The logit table `L (C, P, N)` (SPEC §6 step 1) is independent per
+The logit table `L (C, P, N)` (docs/method.md §6 step 1) is independent per
 individual, so the population axis P splits across devices with no
 communication: every device gets the params, the images and the classes
 (replicated) and a `P / D` slice of the masks, runs the wrapped evaluator on

@@ -1,4 +1,4 @@
-"""Pluggable evosax strategies for the binary kernel-group genomes (SPEC §5).
+"""Pluggable evosax strategies for the binary kernel-group genomes (docs/method.md §5).
 
 `make_strategy(name, population_size, num_genes, search_cfg)` returns a
 `BinaryStrategy`: one evosax algorithm run on all C class populations at once
