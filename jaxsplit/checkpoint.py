@@ -33,6 +33,7 @@ On disk (orbax composite checkpoint): `path/tree/` (orbax `StandardSave` of the 
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import datetime
 import hashlib
 import json
@@ -72,7 +73,7 @@ _META_ITEM = "meta"
 TRAIN_HINT = "create it with `jaxsplit train --config CONFIG.yaml --out RUN_DIR`"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxsplitError, ValueError):
     """A checkpoint that cannot be written or read."""
 
 

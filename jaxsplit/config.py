@@ -11,6 +11,7 @@ and ml_collections/hydra would add a dependency for less precise messages.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 import json
 import types
@@ -25,7 +26,7 @@ from jaxsplit.search.config import SearchConfig
 from jaxsplit.patch_config import PatchConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxsplitError, ValueError):
     """A config key, type or value that is not accepted."""
 
 

@@ -27,6 +27,7 @@ module's own logit).
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -42,7 +43,7 @@ from jaxsplit.models.convnet import ConvNet, ConvSpec, activations
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 11))
 
 
-class ImportanceError(ValueError):
+class ImportanceError(JaxsplitError, ValueError):
     """Inputs of the importance / sensitivity analysis that do not fit together."""
 
 

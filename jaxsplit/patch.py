@@ -55,6 +55,7 @@ plots).
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 import datetime
 import functools
@@ -106,7 +107,7 @@ __all__ = [
 CIFAR100_REFERENCE_CLASSES = (0, 2, 5, 8, 9, 12, 15, 22, 70)  # apple baby bed bicycle bottle bridge camel clock rose
 
 
-class PatchError(ValueError):
+class PatchError(JaxsplitError, ValueError):
     """A patching setting or input that cannot be used."""
 
 

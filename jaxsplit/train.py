@@ -22,6 +22,7 @@ Axes: N examples, B batch, H/W spatial, C image channels, K classes.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import datetime
 import functools
 import json
@@ -72,7 +73,7 @@ STEP_DECAY_EPOCH_FRACTIONS = (0.3, 0.6)
 STEP_DECAY_FACTOR = 0.1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(JaxsplitError, RuntimeError):
     """Training failed (e.g. the loss became NaN)."""
 
 

@@ -39,6 +39,7 @@ under the current acc_ratio (SPEC §6).
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 import hashlib
 import json
@@ -75,7 +76,7 @@ TIME_KEYS = ("time_s",)
 INIT_STREAM = 2**31 - 1  # fold_in index of the initial-population keys (generations use 0, 1, ...)  # history fields that differ between identical runs
 
 
-class SearchError(ValueError):
+class SearchError(JaxsplitError, ValueError):
     """A search that cannot start or continue (bad inputs, existing results)."""
 
 

@@ -25,6 +25,7 @@ Backends: "reference" (here: activation masking with shared weights,
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import importlib
 import importlib.util
 from collections.abc import Mapping
@@ -43,11 +44,11 @@ BACKENDS = ("reference", "fast", "auto")
 FAST_MODULE = "jaxsplit.search.fast_evaluate"
 
 
-class EvaluatorInputError(ValueError):
+class EvaluatorInputError(JaxsplitError, ValueError):
     """Params, masks, images or classes that do not fit the evaluator."""
 
 
-class EvaluatorBackendError(ValueError):
+class EvaluatorBackendError(JaxsplitError, ValueError):
     """An unknown or unavailable evaluator backend."""
 
 
