@@ -9,7 +9,7 @@ code keeps working.
 
 from __future__ import annotations
 
-__all__ = ["JaxsplitError", "RunLockedError"]
+__all__ = ["JaxsplitError", "RunLockedError", "RunFolderError"]
 
 
 class JaxsplitError(Exception):
@@ -18,3 +18,7 @@ class JaxsplitError(Exception):
 
 class RunLockedError(JaxsplitError, RuntimeError):
     """A run folder is being written by another jaxsplit process."""
+
+
+class RunFolderError(JaxsplitError, FileNotFoundError):
+    """A run folder that does not exist or lacks what a stage needs."""
