@@ -27,7 +27,6 @@ module's own logit).
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet, ConvSpec, activations
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 11))

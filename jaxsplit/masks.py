@@ -15,7 +15,6 @@ Two exact ways to run a masked model:
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 
 import chex
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvSpec
 
 Mask = dict[str, jax.Array]

@@ -55,7 +55,6 @@ plots).
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import dataclasses
 import datetime
 import functools
@@ -76,6 +75,7 @@ from jaxsplit import config as jconfig
 from jaxsplit import data as jdata
 from jaxsplit import metrics, pipeline
 from jaxsplit import train as jtrain
+from jaxsplit.errors import JaxsplitError
 
 __all__ = [
     "PatchError",
@@ -1055,7 +1055,6 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
       The results dict, also written to ``patch/patch_results.json``.
     """
     import datetime
-    import json
     import time
 
 
