@@ -180,6 +180,11 @@ def test_long_stages_print_an_estimate_first(tmp_path):
     model = pipeline.build_model(full.model, 10, 1, 32)
     assert "estimate: the search" in pipeline.search_estimate(model, 10, 100, 10_000, 201, cores=2)
     assert pipeline.search_estimate(model, 10, 4, 32, 3, cores=2) is None
+    self_patch = jconfig.load(REPO / "configs" / "fashion_mnist_self_patch.yaml")
+    heavy = jconfig.from_dict(jconfig.Config, jconfig.merge(jconfig.to_dict(self_patch), {
+        "patch": {"weak_width": 1.0, "weak_model": "simcnn", "weak_epochs": 30}}))
+    assert "estimate: patching takes more than" in pipeline.patch_estimate(heavy, cores=2)
+    assert pipeline.patch_estimate(self_patch, cores=2) is None
 
 
 # -- 6. --no-progress, examples, saved overrides, Ctrl-C, --restart, CLI words -----------------
