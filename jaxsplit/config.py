@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.search.config import SearchConfig
 from jaxsplit.patch_config import PatchConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxsplitError, ValueError):
     """A config key, type or value that is not accepted."""
 
 
@@ -219,7 +220,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"--set {item!r}: the value {raw!r} is not valid YAML ({first}); quote it for a "
+                f"string, e.g. --set '{key.strip()}=\"{raw}\"'") from e
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -37,12 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet, ConvSpec, activations
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 11))
 
 
-class ImportanceError(ValueError):
+class ImportanceError(JaxsplitError, ValueError):
     """Inputs of the importance / sensitivity analysis that do not fit together."""
 
 

@@ -33,12 +33,13 @@ import numpy as np
 
 from jaxsplit import graph as graph_lib
 from jaxsplit.graph import Graph
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvSpec
 
 Mask = dict[str, jax.Array]
 
 
-class MaskError(ValueError):
+class MaskError(JaxsplitError, ValueError):
     """A mask that does not fit the model's conv spec."""
 
 

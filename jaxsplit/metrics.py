@@ -17,8 +17,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
 
-class MetricsError(ValueError):
+
+class MetricsError(JaxsplitError, ValueError):
     """Labels, predictions or a confusion matrix that cannot be scored."""
 
 

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
+
 __all__ = [
     "DataError",
     "DataNotFoundError",
@@ -47,7 +49,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 Normalization = Literal["dataset", "imagenet", "none"]
 
 
-class DataError(ValueError):
+class DataError(JaxsplitError, ValueError):
     """Bad or inconsistent data (corrupt file, wrong shape, label out of range, ...)."""
 
 

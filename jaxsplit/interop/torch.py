@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.interop.torch_models import (
     RESCNN_ADDS,
     RESCNN_LAYOUT,
@@ -51,7 +52,7 @@ from jaxsplit.interop.torch_models import (
 from jaxsplit.models.convnet import ConvLayerDef, ConvNet
 
 
-class StateDictError(ValueError):
+class StateDictError(JaxsplitError, ValueError):
     """A state_dict (or params tree) that does not fit the model, or an unreadable file."""
 
 

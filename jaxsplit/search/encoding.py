@@ -47,6 +47,7 @@ import numpy as np
 from flax import struct
 
 from jaxsplit import masks as masks_lib
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.importance import rank as rank_importance
 from jaxsplit.importance import tied_importance
 from jaxsplit.models.convnet import ConvSpec
@@ -67,7 +68,7 @@ REFERENCE_INIT = {
 }
 
 
-class EncodingError(ValueError):
+class EncodingError(JaxsplitError, ValueError):
     """Genes, masks or settings that do not fit the encoding."""
 
 

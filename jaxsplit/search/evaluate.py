@@ -25,8 +25,6 @@ Backends: "reference" (here: activation masking with shared weights,
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Mapping
 from typing import Literal, Protocol
 
@@ -36,18 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import masks as masks_lib
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet
 
 Backend = Literal["reference", "fast", "auto"]
 BACKENDS = ("reference", "fast", "auto")
-FAST_MODULE = "jaxsplit.search.fast_evaluate"
 
 
-class EvaluatorInputError(ValueError):
+class EvaluatorInputError(JaxsplitError, ValueError):
     """Params, masks, images or classes that do not fit the evaluator."""
 
 
-class EvaluatorBackendError(ValueError):
+class EvaluatorBackendError(JaxsplitError, ValueError):
     """An unknown or unavailable evaluator backend."""
 
 
@@ -205,19 +203,10 @@ class ReferenceEvaluator:
         return result
 
 
-def fast_backend_available() -> bool:
-    """Whether `jaxsplit.search.fast_evaluate` can be imported."""
-    try:
-        return importlib.util.find_spec(FAST_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def default_backend(platform: str) -> Literal["reference", "fast"]:
     """The backend "auto" picks on a JAX platform ("cpu", "gpu", "tpu", ...).
 
-    Rule: "fast" when the fast backend module exists and the platform is CPU;
-    "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
+    Rule: "fast" on CPU, "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
     0.10, `benchmarks/fast_evaluator_probe.py`, 50% of kernels kept, same
     process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
     reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
@@ -227,7 +216,7 @@ def default_backend(platform: str) -> Literal["reference", "fast"]:
     (small kernels, host-side planning), where the vmapped reference is
     expected to use an accelerator better.
     """
-    if platform == "cpu" and fast_backend_available():
+    if platform == "cpu":
         return "fast"
     return "reference"
 
@@ -247,7 +236,7 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
         `cache_bytes`, ...), used when the backend is "fast" (ignored by "reference").
 
     Raises:
-      EvaluatorBackendError: unknown backend, or "fast" when its module is missing.
+      EvaluatorBackendError: unknown backend.
     """
     if backend not in BACKENDS:
         raise EvaluatorBackendError(f"unknown evaluator backend {backend!r}; expected one of {BACKENDS}")
@@ -255,11 +244,8 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
         backend = default_backend(jax.default_backend())
     if backend == "reference":
         return ReferenceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images)
-    if not fast_backend_available():
-        raise EvaluatorBackendError(
-            f"evaluator backend 'fast' needs the module {FAST_MODULE}, which is not installed; "
-            f"use backend='reference' or 'auto'")
-    fast = importlib.import_module(FAST_MODULE)
+    from jaxsplit.search import fast_evaluate as fast  # late: it imports this module
+
     return fast.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
                                     chunk_images=chunk_images, **fast_options)
 

@@ -60,6 +60,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxsplit.errors import JaxsplitError
+
 # Reference acc thresholds per ensemble size (CNNSplitter configures/*_cifar10.py, *_svhn.py).
 REFERENCE_THRESHOLDS: dict[int, float] = {2: 0.95, 4: 0.95, 8: 0.85, 10: 0.80}
 # The reference's 5-class task (configures/*_svhn_5.py).
@@ -67,7 +69,7 @@ REFERENCE_THRESHOLDS_5: dict[int, float] = {2: 0.95, 4: 0.90, 5: 0.85}
 SCHEMES = ("hierarchical", "sampled")
 
 
-class FitnessInputError(ValueError):
+class FitnessInputError(JaxsplitError, ValueError):
     """Fitness inputs whose shapes or settings do not fit together."""
 
 

@@ -42,10 +42,12 @@ from evosax.core.fitness_shaping import identity_fitness_shaping_fn
 from evosax.types import Fitness, Population, Solution
 from flax import struct
 
+from jaxsplit.errors import JaxsplitError
+
 Mutation = Literal["random", "flip"]
 
 
-class GAConfigError(ValueError):
+class GAConfigError(JaxsplitError, ValueError):
     """GA settings that do not fit together."""
 
 

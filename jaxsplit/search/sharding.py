@@ -81,13 +81,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet
 from jaxsplit.search.evaluate import Backend, Evaluator, check_eval_inputs, make_evaluator
 
 AXIS = "population"
 
 
-class ShardingError(ValueError):
+class ShardingError(JaxsplitError, ValueError):
     """Bad devices or masks for the sharded evaluator."""
 
 
