@@ -268,16 +268,17 @@ def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
     """`make_evaluator` with `SearchConfig.backend`, `chunk_individuals`, `chunk_images`
     (and, for the fast backend, `share_first_conv` and `eval_cache_mib`).
 
-    With `search_cfg.shard` and more than one local device, the evaluator is
-    wrapped by `jaxsplit.search.sharding.shard_evaluator` (population axis
-    split over all local devices).
+    With `search_cfg.shard` and more than one device (`jax.device_count()`:
+    all processes' devices after `jax.distributed.initialize`), the evaluator
+    is wrapped by `jaxsplit.search.sharding.shard_evaluator` (population axis
+    split over all of them).
     """
     evaluate_fn = make_evaluator(model, search_cfg.backend,
                                  chunk_individuals=search_cfg.chunk_individuals,
                                  chunk_images=search_cfg.chunk_images,
                                  share_first_conv=search_cfg.share_first_conv,
                                  cache_bytes=int(search_cfg.eval_cache_mib) * 2**20)
-    if getattr(search_cfg, "shard", False) and jax.local_device_count() > 1:
+    if getattr(search_cfg, "shard", False) and jax.device_count() > 1:
         from jaxsplit.search.sharding import shard_evaluator  # late: sharding imports this module
 
         evaluate_fn = shard_evaluator(evaluate_fn, model=model)
