@@ -18,8 +18,11 @@ The interface every backend implements (`Evaluator`):
       L:       float32 (C, P, N)
 
 Backends: "reference" (here: activation masking with shared weights,
-`jit(vmap)` over individuals, chunked over individuals and images) and
-"fast" (`jaxsplit.search.fast_evaluate.make_fast_evaluator`, imported lazily).
+`jit(vmap)` over individuals, chunked over individuals and images), "fast"
+(`jaxsplit.search.fast_evaluate.make_fast_evaluator`, imported lazily: host-
+planned extracted modules) and "device"
+(`jaxsplit.search.device_evaluate.make_device_evaluator`: kept kernels gathered
+on device into bucketed blocks, jit-only).
 `make_evaluator` picks one; "auto" follows `default_backend(platform)`.
 """
 
@@ -38,9 +41,10 @@ import numpy as np
 from jaxsplit import masks as masks_lib
 from jaxsplit.models.convnet import ConvNet
 
-Backend = Literal["reference", "fast", "auto"]
-BACKENDS = ("reference", "fast", "auto")
+Backend = Literal["reference", "fast", "device", "auto"]
+BACKENDS = ("reference", "fast", "device", "auto")
 FAST_MODULE = "jaxsplit.search.fast_evaluate"
+DEVICE_MODULE = "jaxsplit.search.device_evaluate"
 
 
 class EvaluatorInputError(ValueError):
@@ -213,11 +217,16 @@ def fast_backend_available() -> bool:
         return False
 
 
-def default_backend(platform: str) -> Literal["reference", "fast"]:
-    """The backend "auto" picks on a JAX platform ("cpu", "gpu", "tpu", ...).
+def default_backend(platform: str) -> Literal["reference", "fast", "device"]:
+    """The backend "auto" picks on a JAX platform ("cpu", "gpu", "cuda", "rocm", "tpu", ...).
 
-    Rule: "fast" when the fast backend module exists and the platform is CPU;
-    "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
+    Rule: on CPU, "fast" when its module exists, else "reference"; on an
+    accelerator (gpu/cuda/rocm/tpu), "device" when its module exists, else
+    "reference"; any other platform, "reference". The "device" backend does the fast
+    backend's kept-kernel arithmetic (about f² of the reference's FLOPs at a
+    kept fraction f) inside one jit, with no host planning in the step, so
+    an accelerator is never left waiting on Python; `benchmarks/device_check.sh`
+    measures it against the reference and the PyTorch loop on the device. Measured on 2 shared CPU cores (AVX-512, jax
     0.10, `benchmarks/fast_evaluator_probe.py`, 50% of kernels kept, same
     process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
     reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
@@ -229,7 +238,16 @@ def default_backend(platform: str) -> Literal["reference", "fast"]:
     """
     if platform == "cpu" and fast_backend_available():
         return "fast"
+    if platform in ("gpu", "cuda", "rocm", "tpu") and _module_available(DEVICE_MODULE):
+        return "device"
     return "reference"
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_individuals: int = 16,
@@ -239,12 +257,15 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
     Args:
       model: the `ConvNet` whose masked modules are evaluated.
       backend: "reference" (`ReferenceEvaluator`), "fast"
-        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`), or "auto"
+        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`), "device"
+        (`jaxsplit.search.device_evaluate.make_device_evaluator`), or "auto"
         (`default_backend(jax.default_backend())`).
       chunk_individuals: masks evaluated together (bounds peak memory).
       chunk_images: images evaluated together (bounds peak memory).
       **fast_options: more options of `make_fast_evaluator` (`share_first_conv`,
-        `cache_bytes`, ...), used when the backend is "fast" (ignored by "reference").
+        `cache_bytes`, ...) or of `make_device_evaluator` (`compute_dtype`,
+        `num_levels`); each backend takes its own and ignores the others
+        ("reference" ignores all).
 
     Raises:
       EvaluatorBackendError: unknown backend, or "fast" when its module is missing.
@@ -255,6 +276,13 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
         backend = default_backend(jax.default_backend())
     if backend == "reference":
         return ReferenceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images)
+    device_keys = ("compute_dtype", "num_levels")
+    if backend == "device":
+        device = importlib.import_module(DEVICE_MODULE)
+        return device.make_device_evaluator(
+            model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
+            **{k: v for k, v in fast_options.items() if k in device_keys})
+    fast_options = {k: v for k, v in fast_options.items() if k not in device_keys}
     if not fast_backend_available():
         raise EvaluatorBackendError(
             f"evaluator backend 'fast' needs the module {FAST_MODULE}, which is not installed; "
@@ -266,7 +294,8 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
 
 def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
     """`make_evaluator` with `SearchConfig.backend`, `chunk_individuals`, `chunk_images`
-    (and, for the fast backend, `share_first_conv` and `eval_cache_mib`).
+    (and, for the fast backend, `share_first_conv` and `eval_cache_mib`; for the
+    device backend, `compute_dtype`).
 
     With `search_cfg.shard` and more than one device (`jax.device_count()`:
     all processes' devices after `jax.distributed.initialize`), the evaluator
@@ -277,7 +306,8 @@ def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
                                  chunk_individuals=search_cfg.chunk_individuals,
                                  chunk_images=search_cfg.chunk_images,
                                  share_first_conv=search_cfg.share_first_conv,
-                                 cache_bytes=int(search_cfg.eval_cache_mib) * 2**20)
+                                 cache_bytes=int(search_cfg.eval_cache_mib) * 2**20,
+                                 compute_dtype=getattr(search_cfg, "compute_dtype", "float32"))
     if getattr(search_cfg, "shard", False) and jax.device_count() > 1:
         from jaxsplit.search.sharding import shard_evaluator  # late: sharding imports this module
 
