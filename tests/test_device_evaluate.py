@@ -35,11 +35,13 @@ def _problem(model, seed, C, P, N):
     return random_params(model, seed), {k: jnp.asarray(v) for k, v in masks.items()}, images, classes
 
 
+@pytest.mark.parametrize("extractor", DE.EXTRACTORS)
 @pytest.mark.parametrize("model", [MODEL, NO_HIDDEN], ids=["residual+hidden", "no-hidden"])
-def test_equals_reference(model):
+def test_equals_reference(model, extractor):
     reference = E.make_evaluator(model, "reference", chunk_individuals=4, chunk_images=5)
-    device = DE.DeviceEvaluator(model, chunk_individuals=4, chunk_images=5, num_levels=4)
-    for seed in range(2):
+    device = DE.DeviceEvaluator(model, chunk_individuals=4, chunk_images=5, num_levels=4,
+                                extractor=extractor)
+    for seed in range(2 if extractor == "convnet" else 1):
         C = min(3, model.num_classes)
         params, masks, images, classes = _problem(model, seed, C, 7, 11)  # C·P = 21: padded groups
         want = np.asarray(reference(params, masks, images, classes))
@@ -47,7 +49,7 @@ def test_equals_reference(model):
         assert got.shape == want.shape == (C, 7, 11)
         scale = max(1.0, float(np.abs(want).max()))
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=f"seed {seed}")
-    assert len(device.levels) == (3 if model is MODEL else 2)
+    assert len(device.levels) == (3 if model is MODEL else 2)  # repeated levels dropped
 
 
 def test_levels_and_groups_cover_rows():
@@ -58,8 +60,12 @@ def test_levels_and_groups_cover_rows():
     flat["conv_3"][1, :8] = True  # exactly one step: level 0
     flat["conv_3"][2, :9] = True  # one more than a step: level 1
     flat["conv_3"][3, :] = True  # full 24 = 3 steps: level 2
+    # conv_3 (K=24, 4 levels, step 8): sizes 8, 16, 24, 24; conv_1 (K=16): 8, 8, 16, 16
     assert DE.row_levels(MODEL, 4, flat).tolist() == [0, 0, 1, 2]
-    assert DE.level_sizes(MODEL, 4)[1] == {"conv_0": 8, "conv_1": 16, "conv_2": 16, "conv_3": 16}
+    assert DE.level_sizes(MODEL, 4)[1] == {"conv_0": 8, "conv_1": 8, "conv_2": 8, "conv_3": 16}
+    flat["conv_1"][0, :9] = True  # 9 of 16 needs the level with 16 slots: level 2
+    flat["conv_2"][0, :9] = True  # (its tie)
+    assert DE.row_levels(MODEL, 4, flat).tolist()[0] == 2
 
 
 def test_jit_inside_outer_jit_single_trace():
@@ -109,6 +115,10 @@ def test_backend_selection_and_bad_options():
     assert isinstance(cfg_ev, DE.DeviceEvaluator) and cfg_ev.compute_dtype == "tensorfloat32"
     with pytest.raises(E.EvaluatorInputError, match="compute_dtype"):
         DE.DeviceEvaluator(MODEL, compute_dtype="float16")
+    with pytest.raises(E.EvaluatorInputError, match="extractor"):
+        DE.DeviceEvaluator(MODEL, extractor="torch")
+    with pytest.raises(E.EvaluatorInputError, match="needs extractor='convnet'"):
+        DE.DeviceEvaluator(MODEL, extractor="graph", compute_dtype="bfloat16")
     with pytest.raises(E.EvaluatorInputError, match="num_levels"):
         DE.DeviceEvaluator(MODEL, num_levels=0)
     params, masks, images, classes = _problem(MODEL, 0, 2, 3, 4)

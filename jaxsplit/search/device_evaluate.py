@@ -12,13 +12,13 @@ waiting. This backend does the fast backend's arithmetic inside one `jit`,
 with no host planning in the step, so it also runs inside the driver's
 compiled generation step and under `shard_map` (`search/sharding.py`):
 
-* **Bucketed kept counts (device).** The C·P mask rows are flattened. For
-  conv layer l with K_l kernels the bucket step is
-  `s_l = fast_evaluate.bucket_step(K_l, num_levels)` (about K_l / num_levels,
-  a multiple of 8). Level j (1-based) gives layer l the slot count
-  `B_l(j) = min(K_l, j·s_l)`; a row's level is the smallest j that holds
-  all of its layers: `max_l ceil(count_l / s_l)`. So there are at most
-  `num_levels` static shape sets, one per level.
+* **Bucketed kept counts (device).** The C·P mask rows are flattened. Level
+  j = 1..J (J = `num_levels`) gives conv layer l (K_l kernels) the slot
+  count `B_l(j)` = `ceil(j·K_l / J)` rounded up to the layer's step
+  `fast_evaluate.bucket_step(K_l, J)` (about K_l / J, a multiple of 8), at
+  most K_l: about the fraction j / J of every layer. A row's level is the
+  smallest j whose slots hold the kept count of every layer, so there are
+  J static shape sets.
 * **Groups.** Rows are sorted by level (`argsort`, stable) and cut into
   groups of `chunk_individuals` rows; a group runs at its largest member's
   level (`lax.switch` inside a `lax.map` over groups: only the taken level's
@@ -50,9 +50,17 @@ float32. `benchmarks/bench_device_backend.py` and
 `benchmarks/device_check.py` report the argmax agreement and max |ΔL| of
 each against float32.
 
-Built on jaxsplit's `ConvNet` (its conv chain, pools, residual ties and MLP
-head); the generic traced-graph version will take its gathers from
-`jaxsplit.extract.gather`.
+Two gathers (`extractor`):
+
+* "convnet" (default): written for jaxsplit's `ConvNet` (its conv chain, pools,
+  residual ties, MLP head); shares the first conv across a group and supports
+  every compute dtype.
+* "graph": the generic `jaxsplit.extract.gather(graph, variables, indices,
+  valid)` over the kernel graph traced from the model's apply
+  (`jaxsplit.trace`); each member runs the traced computation at its bucket
+  sizes with padded channels multiplied by `valid`. Works for any model
+  `jaxsplit.trace` accepts; float32 only (the traced convolutions keep their
+  own precision), and without the shared first conv.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from jaxsplit.search.evaluate import EvaluatorInputError, _chunks, check_eval_in
 from jaxsplit.search.fast_evaluate import bucket_step
 
 ComputeDtype = Literal["float32", "tensorfloat32", "bfloat16"]
+EXTRACTORS = ("convnet", "graph")
 COMPUTE_DTYPES = ("float32", "tensorfloat32", "bfloat16")
 _PRECISION = {"float32": jax.lax.Precision.HIGHEST, "tensorfloat32": jax.lax.Precision.HIGH,
               "bfloat16": jax.lax.Precision.DEFAULT}
@@ -79,25 +88,38 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
 def level_sizes(model: ConvNet, num_levels: int) -> tuple[dict[str, int], ...]:
-    """`{conv: B_l(j)}` for every level j = 1..J (J = the most levels of any layer)."""
+    """`{conv: B_l(j)}` for the levels j = 1..num_levels (repeats dropped: at most num_levels).
+
+    `B_l(j)` = `ceil(j·K_l / num_levels)` rounded up to a multiple of the layer's step
+    `fast_evaluate.bucket_step(K_l, num_levels)`, at most K_l: level j keeps about the
+    fraction j / num_levels of every layer (narrow layers in coarser, 8-aligned steps).
+    """
     spec = model.conv_spec()
-    steps = {ly.name: bucket_step(ly.num_kernels, num_levels) for ly in spec.layers}
-    depth = max(-(-ly.num_kernels // steps[ly.name]) for ly in spec.layers)
-    return tuple({ly.name: min(ly.num_kernels, j * steps[ly.name]) for ly in spec.layers}
-                 for j in range(1, depth + 1))
+    out = []
+    for j in range(1, num_levels + 1):
+        sizes = {}
+        for ly in spec.layers:
+            k = ly.num_kernels
+            step = bucket_step(k, num_levels)
+            sizes[ly.name] = min(k, -(-(-(-j * k // num_levels)) // step) * step)
+        if not out or sizes != out[-1]:  # equal consecutive levels would compile twice
+            out.append(sizes)
+    return tuple(out)
 
 
 def row_levels(model: ConvNet, num_levels: int, flat_masks: Mapping[str, jax.Array]) -> jax.Array:
-    """0-based level of each row: `max_l ceil(count_l / s_l) - 1`, `(M,)` int32 (jnp or np)."""
+    """0-based level of each row: the smallest j whose sizes hold every layer's kept count,
+    `(M,)` int32 (jnp or np, as the masks)."""
     spec = model.conv_spec()
     xp = np if all(isinstance(m, np.ndarray) for m in flat_masks.values()) else jnp
+    levels = level_sizes(model, num_levels)
     level = None
     for ly in spec.layers:
-        step = bucket_step(ly.num_kernels, num_levels)
+        sizes = xp.asarray([lv[ly.name] for lv in levels])  # (J,) non-decreasing
         count = xp.sum(flat_masks[ly.name].astype(xp.int32), axis=-1)
-        lv = xp.maximum(-(-count // step), 1) - 1
+        lv = xp.sum(sizes[None, :] < count[:, None], axis=-1)  # sizes below the count
         level = lv if level is None else xp.maximum(level, lv)
-    return level.astype(xp.int32)
+    return xp.minimum(level, len(levels) - 1).astype(xp.int32)
 
 
 def _conv(x, w, dtype: str):
@@ -132,6 +154,8 @@ class DeviceEvaluator:
       chunk_images: images per chunk.
       num_levels: bucket levels per layer (static shape sets; each is compiled).
       compute_dtype: "float32", "tensorfloat32" or "bfloat16" (see module doc).
+      extractor: "convnet" (ConvNet-specific gather) or "graph" (`extract.gather`).
+      graph: the traced kernel graph ("graph" extractor), else None.
       levels: `level_sizes(model, num_levels)`.
       num_traces: traces of the jitted evaluation (for tests).
       host_side: False (jit-able: runs inside the driver's step and `shard_map`).
@@ -140,7 +164,8 @@ class DeviceEvaluator:
     host_side = False
 
     def __init__(self, model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
-                 num_levels: int = 8, compute_dtype: ComputeDtype = "float32"):
+                 num_levels: int = 8, compute_dtype: ComputeDtype = "float32",
+                 extractor: Literal["convnet", "graph"] = "convnet"):
         for name, value in (("chunk_individuals", chunk_individuals),
                             ("chunk_images", chunk_images), ("num_levels", num_levels)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -148,7 +173,15 @@ class DeviceEvaluator:
         if compute_dtype not in COMPUTE_DTYPES:
             raise EvaluatorInputError(
                 f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+        if extractor not in EXTRACTORS:
+            raise EvaluatorInputError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
+        if extractor == "graph" and compute_dtype != "float32":
+            raise EvaluatorInputError(
+                f"compute_dtype {compute_dtype!r} needs extractor='convnet'; the 'graph' "
+                f"extractor runs the traced model in float32")
         self.model = model
+        self.extractor = extractor
+        self.graph = self._trace(model) if extractor == "graph" else None
         self.chunk_individuals = int(chunk_individuals)
         self.chunk_images = int(chunk_images)
         self.num_levels = int(num_levels)
@@ -162,6 +195,28 @@ class DeviceEvaluator:
         """See `jaxsplit.search.evaluate.Evaluator`."""
         check_eval_inputs(self.model, masks, images, classes)
         return self._jitted(params, masks, images, classes)
+
+    @staticmethod
+    def _trace(model: ConvNet):
+        from jaxsplit import graph as graph_lib
+        from jaxsplit.models.convnet import init_params
+
+        shapes = jax.eval_shape(lambda: {"params": init_params(model, jax.random.key(0))})
+        return graph_lib.trace(partial(model.apply, train=False), shapes, model.dummy_input(1))
+
+    def _graph_forward(self, params, mask: Mapping[str, jax.Array], cls: jax.Array,
+                       sizes: Mapping[str, int], x: jax.Array) -> jax.Array:
+        """One member through `extract.gather` (mask `{site: (K,)}`, cls `()`, x chunk) -> `(n,)`."""
+        from jaxsplit import extract
+
+        indices, valid = {}, {}
+        for name in self.graph.free_layers:
+            m = mask[name].astype(bool)
+            indices[name] = jnp.argsort(~m, stable=True)[:sizes[name]].astype(jnp.int32)
+            valid[name] = jnp.arange(sizes[name]) < jnp.sum(m, dtype=jnp.int32)
+        module_apply, module_variables = extract.gather(self.graph, {"params": params}, indices,
+                                                        valid)
+        return jnp.take(module_apply(module_variables, x), cls, axis=1)
 
     # -- one module ---------------------------------------------------------------------
 
@@ -249,7 +304,17 @@ class DeviceEvaluator:
         image_chunks = _chunks(images.astype(jnp.float32), bn)  # (num_chunks, bn, H, W, Cin)
         w0, b0 = params[first.name]["kernel"], params[first.name]["bias"]
 
+        def graph_branch(sizes, member_masks, member_cls):  # -> (g, N_pad)
+            def per_chunk(x):
+                return jax.vmap(partial(self._graph_forward, params, sizes=sizes, x=x))(
+                    member_masks, member_cls)  # (g, bn)
+
+            out = jax.lax.map(per_chunk, image_chunks)
+            return jnp.moveaxis(out, 0, 1).reshape(g, -1)
+
         def branch(sizes, member_masks, member_cls):  # -> (g, N_pad)
+            if self.extractor == "graph":
+                return graph_branch(sizes, member_masks, member_cls)
             gathered = jax.vmap(partial(self._gather, params, sizes=sizes))(member_masks, member_cls)
 
             def per_chunk(x):
@@ -277,11 +342,13 @@ class DeviceEvaluator:
 
 def make_device_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
                           num_levels: int = 8, compute_dtype: ComputeDtype = "float32",
+                          extractor: Literal["convnet", "graph"] = "convnet",
                           **unused_options) -> DeviceEvaluator:
     """A `DeviceEvaluator` (other backends' options, e.g. `cache_bytes`, are ignored)."""
     del unused_options
     return DeviceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
-                           num_levels=num_levels, compute_dtype=compute_dtype)
+                           num_levels=num_levels, compute_dtype=compute_dtype,
+                           extractor=extractor)
 
 
 def flops_per_individual(model: ConvNet, masks: Mapping[str, np.ndarray], *, num_levels: int = 8,
