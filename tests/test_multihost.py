@@ -141,3 +141,9 @@ def test_initialize_rejects_half_settings():
         MH.initialize("localhost", 2, 0)
     with pytest.raises(MH.MultiHostError, match="cpu_collectives"):
         MH.initialize(None, None, None, cpu_collectives="nccl")
+
+
+def test_command_wrapper_needs_a_command(capsys):
+    with pytest.raises(SystemExit):
+        MH.main(["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "0"])
+    assert "give the jaxsplit command after '--'" in capsys.readouterr().err
