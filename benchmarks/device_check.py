@@ -12,7 +12,8 @@ point that would start past its share is skipped and recorded as such):
    torch gets as many threads as XLA's pool, `os.cpu_count()`).
 3. throughput: full-width SimCNN on 32x32x3 images, exactly 30/50/70% of every layer's
    kernels kept, populations 10-200 (one class row): the "device" backend (float32), the
-   "reference" backend (small P: it costs the full model per module) and the PyTorch loop
+   "reference" backend (small P: it costs the full model per module), the device backend's
+   other member loop at one point ("device-map" / "device-vmap"), and the PyTorch loop
    (`torch_baseline.py`, per module extract + forward; its cost is linear in P, so it is
    timed on 10 modules), in solution·images/s; `vs_torch` = jaxsplit / PyTorch.
 4. dtypes: the device backend in tensorfloat32 and bfloat16 against float32 on one point:
@@ -165,10 +166,15 @@ def _model(plan):
     return model, random_params(model, 0)
 
 
-def _device_fn(model, plan, dtype="float32"):
+def _device_fn(model, plan, dtype="float32", member_loop="auto"):
     return DE.DeviceEvaluator(model, chunk_individuals=plan["chunk_individuals"],
                               chunk_images=plan["chunk_images"], num_levels=plan["num_levels"],
-                              compute_dtype=dtype)
+                              compute_dtype=dtype, member_loop=member_loop)
+
+
+def _other_loop() -> str:
+    """The member loop "auto" does not pick here (both are timed at the headline point)."""
+    return "vmap" if jax.default_backend() == "cpu" else "map"
 
 
 def _jax_point(evaluate_fn, params, masks_list, images, classes) -> dict[str, Any]:
@@ -208,6 +214,7 @@ def step_throughput(plan, deadline: float, peak: dict | None, result: dict) -> l
     first, others = plan["fractions"][0], plan["fractions"][1:]
     points = [("torch", first, plan["torch_population"]), ("device", first, mid)]
     points += [("reference", first, p) for p in plan["reference_populations"]]
+    points.append((f"device-{_other_loop()}", first, mid))
     points += [("device", first, p) for p in (pops[0], pops[-1]) if p != mid]
     for kept in others:
         points += [("torch", kept, plan["torch_population"]), ("device", kept, mid)]
@@ -228,9 +235,13 @@ def step_throughput(plan, deadline: float, peak: dict | None, result: dict) -> l
                     continue
                 r = BE._torch_point(model, state_dict, masks_list, images, classes)
             else:
-                fn = (_device_fn(model, plan) if backend == "device" else
-                      E.make_evaluator(model, "reference", chunk_individuals=plan["chunk_individuals"],
-                                       chunk_images=plan["chunk_images"]))
+                if backend.startswith("device"):
+                    loop = backend.split("-")[1] if "-" in backend else "auto"
+                    fn = _device_fn(model, plan, member_loop=loop)
+                else:
+                    fn = E.make_evaluator(model, "reference",
+                                          chunk_individuals=plan["chunk_individuals"],
+                                          chunk_images=plan["chunk_images"])
                 r = _jax_point(fn, params, masks_list, images, classes)
         except Exception as err:  # a failing point must not lose the others
             records.append({"backend": backend, "kept": kept, "population": pop,
@@ -248,6 +259,8 @@ def step_throughput(plan, deadline: float, peak: dict | None, result: dict) -> l
                "device_flops_per_image": float(flops["device"].mean()),
                "kept_flops_per_image": float(flops["kept"].mean()),
                "reference_flops_per_image": float(flops["reference"][0])}
+        if backend.startswith("device"):
+            rec["member_loop"] = fn.member_loop
         if backend == "torch":
             torch_rate[kept] = rate
             rec["extract_fraction"] = r.get("extract_fraction")
@@ -367,7 +380,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]
     recs = [r for r in result.get("throughput", []) if "rate" in r]
-    for backend in ("device", "reference", "torch"):
+    for backend in ("device", "device-map", "device-vmap", "reference", "torch"):
         for kept in sorted({r["kept"] for r in recs}):
             pts = sorted((r["population"], r["rate"]) for r in recs
                          if r["backend"] == backend and r["kept"] == kept)

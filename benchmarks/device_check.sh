@@ -19,5 +19,5 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 LIMIT=480  # the whole check, hard: the driver's own deadline is 450 s by default
-for a in "$@"; do [ "$a" = "--smoke" ] && LIMIT=240; done
+for a in "$@"; do [ "$a" = "--smoke" ] && LIMIT=280; done
 exec timeout -k 10 "$LIMIT" "$PY" benchmarks/device_check.py "$@"

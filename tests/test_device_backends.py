@@ -28,6 +28,8 @@ MODEL = ConvNet(convs=(ConvLayerDef(8), ConvLayerDef(16, pool=True),
 CASES = [("reference", {}, 1e-5), ("fast", {"cache_bytes": 0}, 1e-5),
          ("device", {"num_levels": 4}, 1e-5),
          ("device", {"num_levels": 4, "extractor": "graph"}, 1e-5),
+         ("device", {"num_levels": 4, "member_loop": "map"}, 1e-5),
+         ("device", {"num_levels": 4, "member_loop": "vmap"}, 1e-5),
          ("device", {"num_levels": 4, "compute_dtype": "tensorfloat32"}, 2e-2),
          ("device", {"num_levels": 4, "compute_dtype": "bfloat16"}, 5e-2)]
 
@@ -57,7 +59,8 @@ def _on_default_device(evaluate_fn, params, masks, images, classes):
 
 
 @pytest.mark.parametrize("backend,options,tol", CASES,
-                         ids=[f"{b}-{o.get('extractor', '')}-{o.get('compute_dtype', 'float32')}"
+                         ids=[f"{b}-{o.get('extractor', '')}-{o.get('member_loop', '')}-"
+                              f"{o.get('compute_dtype', 'float32')}"
                               for b, o, _ in CASES])
 def test_backend_on_device_equals_cpu_reference(problem, backend, options, tol):
     if backend == "fast" and not E.fast_backend_available():

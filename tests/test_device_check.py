@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_device_check_smoke(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "device_check.sh"), "--smoke",
-                           "--out", str(tmp_path), "--budget-s", "90"],
+                           "--out", str(tmp_path), "--budget-s", "150"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     (json_path,) = tmp_path.glob("*-smoke.json")
@@ -24,7 +24,8 @@ def test_device_check_smoke(tmp_path):
     assert result["tests"]["returncode"] == 0  # `-m device` selects the device tests
     assert result["peak"]["jax_float32_tflops"] > 0
     rates = [r for r in result["throughput"] if "rate" in r]
-    assert {r["backend"] for r in rates} >= {"device", "reference"}
+    assert {r["backend"] for r in rates} >= {"device", "reference"}  # the first points
+    assert all("rate" in r or r.get("skipped") for r in result["throughput"])
     assert all(r["rate"] > 0 and "device_flops_per_image" in r for r in rates)
     assert "argmax_agreement" in result["dtypes"].get("tensorfloat32", {}) or \
         result["dtypes"].get("tensorfloat32", {}).get("skipped")

@@ -35,13 +35,15 @@ def _problem(model, seed, C, P, N):
     return random_params(model, seed), {k: jnp.asarray(v) for k, v in masks.items()}, images, classes
 
 
-@pytest.mark.parametrize("extractor", DE.EXTRACTORS)
+@pytest.mark.parametrize("extractor,member_loop",
+                         [("convnet", "vmap"), ("convnet", "map"), ("graph", "vmap")])
 @pytest.mark.parametrize("model", [MODEL, NO_HIDDEN], ids=["residual+hidden", "no-hidden"])
-def test_equals_reference(model, extractor):
+def test_equals_reference(model, extractor, member_loop):
     reference = E.make_evaluator(model, "reference", chunk_individuals=4, chunk_images=5)
     device = DE.DeviceEvaluator(model, chunk_individuals=4, chunk_images=5, num_levels=4,
-                                extractor=extractor)
-    for seed in range(2 if extractor == "convnet" else 1):
+                                extractor=extractor, member_loop=member_loop)
+    assert device.member_loop == member_loop
+    for seed in range(2 if (extractor, member_loop) == ("convnet", "vmap") else 1):
         C = min(3, model.num_classes)
         params, masks, images, classes = _problem(model, seed, C, 7, 11)  # C·P = 21: padded groups
         want = np.asarray(reference(params, masks, images, classes))
@@ -119,6 +121,10 @@ def test_backend_selection_and_bad_options():
         DE.DeviceEvaluator(MODEL, extractor="torch")
     with pytest.raises(E.EvaluatorInputError, match="needs extractor='convnet'"):
         DE.DeviceEvaluator(MODEL, extractor="graph", compute_dtype="bfloat16")
+    with pytest.raises(E.EvaluatorInputError, match="member_loop"):
+        DE.DeviceEvaluator(MODEL, member_loop="scan")
+    assert DE.DeviceEvaluator(MODEL).member_loop == ("map" if jax.default_backend() == "cpu"
+                                                     else "vmap")
     with pytest.raises(E.EvaluatorInputError, match="num_levels"):
         DE.DeviceEvaluator(MODEL, num_levels=0)
     params, masks, images, classes = _problem(MODEL, 0, 2, 3, 4)

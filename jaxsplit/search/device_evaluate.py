@@ -37,7 +37,9 @@ compiled generation step and under `shard_map` (`search/sharding.py`):
   (up to float summation order).
 * **Run.** Per image chunk the first conv layer of the raw images runs once
   for all its kernels (shared by the group; each member takes its slots),
-  then `vmap` over the group's members runs the gathered modules. FLOPs per
+  then `vmap` over the group's members runs the gathered modules
+  (`member_loop="vmap"`, accelerators), or a `lax.map` runs them one after
+  another (`"map"`, the CPU default: plain instead of grouped convolutions). FLOPs per
   row are those of its level's blocks: about `f²` of the full model's at a
   kept fraction f (`flops_per_individual` counts them).
 
@@ -156,6 +158,11 @@ class DeviceEvaluator:
       compute_dtype: "float32", "tensorfloat32" or "bfloat16" (see module doc).
       extractor: "convnet" (ConvNet-specific gather) or "graph" (`extract.gather`).
       graph: the traced kernel graph ("graph" extractor), else None.
+      member_loop: "vmap" (the group's members batched: grouped convolutions)
+        or "map" (members one after another inside the jit: plain convolutions,
+        which XLA's CPU backend runs ~12x faster at SimCNN width 0.25); "auto"
+        (default) = "map" on CPU, "vmap" on accelerators (not yet measured
+        there: `benchmarks/device_check.sh` times both).
       levels: `level_sizes(model, num_levels)`.
       num_traces: traces of the jitted evaluation (for tests).
       host_side: False (jit-able: runs inside the driver's step and `shard_map`).
@@ -165,7 +172,8 @@ class DeviceEvaluator:
 
     def __init__(self, model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
                  num_levels: int = 8, compute_dtype: ComputeDtype = "float32",
-                 extractor: Literal["convnet", "graph"] = "convnet"):
+                 extractor: Literal["convnet", "graph"] = "convnet",
+                 member_loop: Literal["auto", "vmap", "map"] = "auto"):
         for name, value in (("chunk_individuals", chunk_individuals),
                             ("chunk_images", chunk_images), ("num_levels", num_levels)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
@@ -175,12 +183,18 @@ class DeviceEvaluator:
                 f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
         if extractor not in EXTRACTORS:
             raise EvaluatorInputError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
+        if member_loop not in ("auto", "vmap", "map"):
+            raise EvaluatorInputError(
+                f"member_loop must be 'auto', 'vmap' or 'map', got {member_loop!r}")
+        if member_loop == "auto":
+            member_loop = "map" if jax.default_backend() == "cpu" else "vmap"
         if extractor == "graph" and compute_dtype != "float32":
             raise EvaluatorInputError(
                 f"compute_dtype {compute_dtype!r} needs extractor='convnet'; the 'graph' "
                 f"extractor runs the traced model in float32")
         self.model = model
         self.extractor = extractor
+        self.member_loop = member_loop
         self.graph = self._trace(model) if extractor == "graph" else None
         self.chunk_individuals = int(chunk_individuals)
         self.chunk_images = int(chunk_images)
@@ -306,8 +320,10 @@ class DeviceEvaluator:
 
         def graph_branch(sizes, member_masks, member_cls):  # -> (g, N_pad)
             def per_chunk(x):
-                return jax.vmap(partial(self._graph_forward, params, sizes=sizes, x=x))(
-                    member_masks, member_cls)  # (g, bn)
+                one = partial(self._graph_forward, params, sizes=sizes, x=x)
+                if self.member_loop == "map":
+                    return jax.lax.map(lambda a: one(*a), (member_masks, member_cls))
+                return jax.vmap(one)(member_masks, member_cls)  # (g, bn)
 
             out = jax.lax.map(per_chunk, image_chunks)
             return jnp.moveaxis(out, 0, 1).reshape(g, -1)
@@ -319,6 +335,8 @@ class DeviceEvaluator:
 
             def per_chunk(x):
                 h0 = jax.nn.relu(_conv(x, w0, self.compute_dtype) + b0)
+                if self.member_loop == "map":  # one member at a time: plain convolutions
+                    return jax.lax.map(lambda one: self._forward(one, h0), gathered)
                 return jax.vmap(self._forward, in_axes=(0, None))(gathered, h0)  # (g, bn)
 
             out = jax.lax.map(per_chunk, image_chunks)  # (num_chunks, g, bn)
@@ -343,12 +361,13 @@ class DeviceEvaluator:
 def make_device_evaluator(model: ConvNet, *, chunk_individuals: int = 16, chunk_images: int = 1000,
                           num_levels: int = 8, compute_dtype: ComputeDtype = "float32",
                           extractor: Literal["convnet", "graph"] = "convnet",
+                          member_loop: Literal["auto", "vmap", "map"] = "auto",
                           **unused_options) -> DeviceEvaluator:
     """A `DeviceEvaluator` (other backends' options, e.g. `cache_bytes`, are ignored)."""
     del unused_options
     return DeviceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
                            num_levels=num_levels, compute_dtype=compute_dtype,
-                           extractor=extractor)
+                           extractor=extractor, member_loop=member_loop)
 
 
 def flops_per_individual(model: ConvNet, masks: Mapping[str, np.ndarray], *, num_levels: int = 8,

@@ -276,7 +276,7 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
         backend = default_backend(jax.default_backend())
     if backend == "reference":
         return ReferenceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images)
-    device_keys = ("compute_dtype", "num_levels", "extractor")
+    device_keys = ("compute_dtype", "num_levels", "extractor", "member_loop")
     if backend == "device":
         device = importlib.import_module(DEVICE_MODULE)
         return device.make_device_evaluator(
