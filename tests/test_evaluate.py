@@ -92,7 +92,8 @@ def test_bad_inputs_raise_naming_shapes(setup):
 
 def test_backend_selection(setup):
     model = setup[0]
-    assert E.default_backend("gpu") == "reference"
+    assert E.default_backend("gpu") == "device"  # search/device_evaluate.py (rule in default_backend)
+    assert E.default_backend("metal") == "reference"
     assert E.default_backend("cpu") == "fast"
     with pytest.raises(E.EvaluatorBackendError, match="unknown evaluator backend 'gpu'"):
         E.make_evaluator(model, "gpu")

@@ -115,7 +115,7 @@ class SearchConfig:
     thresholds: dict | None = None  # {num_classes_in_ensemble: acc threshold}; None: reference
     num_sampled_ensembles: int = 2000  # for ensemble="sampled"
     # evaluator
-    backend: Literal["auto", "reference", "fast"] = "auto"
+    backend: Literal["auto", "reference", "fast", "device"] = "auto"
     chunk_individuals: int = 16
     chunk_images: int = 1000
     # "fast" backend only (search/fast_evaluate.py): run a narrow model's second conv layer once
@@ -123,6 +123,9 @@ class SearchConfig:
     # logit rows it reuses when a (class, mask) comes back (0: off; results never depend on it)
     share_first_conv: bool | None = None
     eval_cache_mib: int = 256
+    # "device" backend only (search/device_evaluate.py): float32, or tensorfloat32 / bfloat16
+    # operands with float32 accumulation
+    compute_dtype: Literal["float32", "tensorfloat32", "bfloat16"] = "float32"
     shard: bool = True  # split the population over all local devices when there are several (search/sharding.py)
     # driver
     checkpoint_every: int = 5

@@ -18,8 +18,11 @@ The interface every backend implements (`Evaluator`):
       L:       float32 (C, P, N)
 
 Backends: "reference" (here: activation masking with shared weights,
-`jit(vmap)` over individuals, chunked over individuals and images) and
-"fast" (`jaxsplit.search.fast_evaluate.make_fast_evaluator`, imported lazily).
+`jit(vmap)` over individuals, chunked over individuals and images), "fast"
+(`jaxsplit.search.fast_evaluate.make_fast_evaluator`, imported lazily: host-
+planned extracted modules) and "device"
+(`jaxsplit.search.device_evaluate.make_device_evaluator`: kept kernels gathered
+on device into bucketed blocks, jit-only).
 `make_evaluator` picks one; "auto" follows `default_backend(platform)`.
 """
 
@@ -37,8 +40,8 @@ from jaxsplit import masks as masks_lib
 from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet
 
-Backend = Literal["reference", "fast", "auto"]
-BACKENDS = ("reference", "fast", "auto")
+Backend = Literal["reference", "fast", "device", "auto"]
+BACKENDS = ("reference", "fast", "device", "auto")
 
 
 class EvaluatorInputError(JaxsplitError, ValueError):
@@ -203,10 +206,15 @@ class ReferenceEvaluator:
         return result
 
 
-def default_backend(platform: str) -> Literal["reference", "fast"]:
-    """The backend "auto" picks on a JAX platform ("cpu", "gpu", "tpu", ...).
+def default_backend(platform: str) -> Literal["reference", "fast", "device"]:
+    """The backend "auto" picks on a JAX platform ("cpu", "gpu", "cuda", "rocm", "tpu", ...).
 
-    Rule: "fast" on CPU, "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
+    Rule: "fast" on CPU; "device" on an accelerator (gpu/cuda/rocm/tpu);
+    "reference" on any other platform. The "device" backend does the fast
+    backend's kept-kernel arithmetic (about f² of the reference's FLOPs at a
+    kept fraction f) inside one jit, with no host planning in the step, so
+    an accelerator is never left waiting on Python; `benchmarks/device_check.sh`
+    measures it against the reference and the PyTorch loop on the device. Measured on 2 shared CPU cores (AVX-512, jax
     0.10, `benchmarks/fast_evaluator_probe.py`, 50% of kernels kept, same
     process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
     reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
@@ -218,6 +226,8 @@ def default_backend(platform: str) -> Literal["reference", "fast"]:
     """
     if platform == "cpu":
         return "fast"
+    if platform in ("gpu", "cuda", "rocm", "tpu"):
+        return "device"
     return "reference"
 
 
@@ -228,12 +238,15 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
     Args:
       model: the `ConvNet` whose masked modules are evaluated.
       backend: "reference" (`ReferenceEvaluator`), "fast"
-        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`), or "auto"
+        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`), "device"
+        (`jaxsplit.search.device_evaluate.make_device_evaluator`), or "auto"
         (`default_backend(jax.default_backend())`).
       chunk_individuals: masks evaluated together (bounds peak memory).
       chunk_images: images evaluated together (bounds peak memory).
       **fast_options: more options of `make_fast_evaluator` (`share_first_conv`,
-        `cache_bytes`, ...), used when the backend is "fast" (ignored by "reference").
+        `cache_bytes`, ...) or of `make_device_evaluator` (`compute_dtype`,
+        `num_levels`); each backend takes its own and ignores the others
+        ("reference" ignores all).
 
     Raises:
       EvaluatorBackendError: unknown backend.
@@ -244,6 +257,14 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
         backend = default_backend(jax.default_backend())
     if backend == "reference":
         return ReferenceEvaluator(model, chunk_individuals=chunk_individuals, chunk_images=chunk_images)
+    device_keys = ("compute_dtype", "num_levels", "extractor", "member_loop")
+    if backend == "device":
+        from jaxsplit.search import device_evaluate  # late: it imports this module
+
+        return device_evaluate.make_device_evaluator(
+            model, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
+            **{k: v for k, v in fast_options.items() if k in device_keys})
+    fast_options = {k: v for k, v in fast_options.items() if k not in device_keys}
     from jaxsplit.search import fast_evaluate as fast  # late: it imports this module
 
     return fast.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
@@ -252,18 +273,21 @@ def make_evaluator(model: ConvNet, backend: Backend = "reference", *, chunk_indi
 
 def make_evaluator_from_config(model: ConvNet, search_cfg) -> Evaluator:
     """`make_evaluator` with `SearchConfig.backend`, `chunk_individuals`, `chunk_images`
-    (and, for the fast backend, `share_first_conv` and `eval_cache_mib`).
+    (and, for the fast backend, `share_first_conv` and `eval_cache_mib`; for the
+    device backend, `compute_dtype`).
 
-    With `search_cfg.shard` and more than one local device, the evaluator is
-    wrapped by `jaxsplit.search.sharding.shard_evaluator` (population axis
-    split over all local devices).
+    With `search_cfg.shard` and more than one device (`jax.device_count()`:
+    all processes' devices after `jax.distributed.initialize`), the evaluator
+    is wrapped by `jaxsplit.search.sharding.shard_evaluator` (population axis
+    split over all of them).
     """
     evaluate_fn = make_evaluator(model, search_cfg.backend,
                                  chunk_individuals=search_cfg.chunk_individuals,
                                  chunk_images=search_cfg.chunk_images,
                                  share_first_conv=search_cfg.share_first_conv,
-                                 cache_bytes=int(search_cfg.eval_cache_mib) * 2**20)
-    if getattr(search_cfg, "shard", False) and jax.local_device_count() > 1:
+                                 cache_bytes=int(search_cfg.eval_cache_mib) * 2**20,
+                                 compute_dtype=getattr(search_cfg, "compute_dtype", "float32"))
+    if getattr(search_cfg, "shard", False) and jax.device_count() > 1:
         from jaxsplit.search.sharding import shard_evaluator  # late: sharding imports this module
 
         evaluate_fn = shard_evaluator(evaluate_fn, model=model)

@@ -57,15 +57,32 @@ Running on several devices:
   population is split over all local devices. Pick `search.population_size
   + 1` (the hall-of-fame slot) as a multiple of the device count to avoid
   padding, e.g. 127 on 8 devices.
-* A multi-host pod slice (e.g. TPU v4-32, 4 hosts): the same code path, with
-  a global mesh: start the same command on every host (`gcloud compute tpus
-  tpu-vm ssh NAME --worker=all --command=...`), call
-  `jax.distributed.initialize()` first, and pass `devices=jax.devices()`
-  (all hosts' devices) instead of the default local ones. Every process
-  builds identical inputs (same config, seed and data), which is what the
-  replicated specs need. This path is not tested in this repository (no
-  multi-host machine), and the driver's file outputs are not restricted to
-  process 0; treat it as a starting point.
+* Several processes / hosts (a multi-host GPU cluster, a TPU pod slice such
+  as v4-32 or v5p-16): the same code path over a global mesh. Start the same
+  command on every host, with identical config, seed, data and run folder
+  (a copy on each host's disk, or a shared one):
+
+      python -m jaxsplit.search.multihost --coordinator HOST0:PORT \
+          --num-processes N --process-id I -- modularize --run RUN
+
+  (`jaxsplit.search.multihost.initialize` calls `jax.distributed.initialize`
+  before anything else; without `--coordinator` JAX auto-detects Cloud TPU
+  pod slices, SLURM and Open MPI, e.g. `gcloud compute tpus tpu-vm ssh NAME
+  --worker=all --command="python -m jaxsplit.search.multihost --
+  modularize --run RUN"`, or `srun python -m jaxsplit.search.multihost --
+  modularize ...`). `jax.devices()` then lists every process's devices, the
+  default mesh spans them all, and `search.shard: true` wraps the evaluator
+  whenever `jax.device_count() > 1`. The jit-able backends run one SPMD
+  program; the host-side "fast" backend evaluates each process's slices on
+  its own devices and assembles the global L with
+  `jax.make_array_from_single_device_arrays`. On CPU the cross-process
+  collectives are gloo over TCP (`jax_cpu_collectives_implementation`);
+  GPUs use NCCL, TPUs ICI. Tested with 2 CPU processes on 127.0.0.1
+  (`tests/test_multihost.py`: `multihost.run_search`, the driver's loop
+  without files, gives the masks and history of one process, for both
+  backends); the whole `modularize` command across processes is not tested
+  here. Each process writes its own copy of the run folder's outputs: on a
+  shared file system give each host its own run folder.
 """
 
 from __future__ import annotations
@@ -93,8 +110,9 @@ class ShardingError(JaxsplitError, ValueError):
 
 
 def population_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D `Mesh` with axis "population" over `devices` (default: all local devices)."""
-    devices = tuple(jax.local_devices() if devices is None else devices)
+    """A 1-D `Mesh` with axis "population" over `devices` (default: `jax.devices()`, i.e.
+    every process's devices after `jax.distributed.initialize`, else the local ones)."""
+    devices = tuple(jax.devices() if devices is None else devices)
     if not devices:
         raise ShardingError("devices is empty; expected at least one jax.Device")
     bad = [d for d in devices if not isinstance(d, jax.Device)]
@@ -167,6 +185,7 @@ class ShardedEvaluator:
             in_specs=(PS(), PS(None, AXIS), PS(), PS()), out_specs=PS(None, AXIS),
             check_vma=False)
         self._jitted = jax.jit(self._evaluate)
+        self._cut_fns: dict[int, Any] = {}
 
     @property
     def devices(self) -> tuple[jax.Device, ...]:
@@ -206,13 +225,21 @@ class ShardedEvaluator:
 
 
     def _call_host(self, params, masks, images, classes) -> jax.Array:
-        """Host-side evaluators: one P slice per device, one thread per device."""
+        """Host-side evaluators: one P slice per local device, one thread per device.
+
+        With several processes each evaluates the slices of its own devices;
+        the slices form one global `(C, P', N)` array sharded along P, cut to
+        P and replicated by a small jitted gather.
+        """
         np_masks = {k: np.asarray(v) for k, v in masks.items()}
         first = next(iter(np_masks.values()))
         num_individuals = int(first.shape[1])
         per = padded_size(num_individuals, self.num_devices) // self.num_devices
         padded = _pad_population(np_masks, per * self.num_devices)
         devices = self.devices
+        local = [d for d in range(self.num_devices)
+                 if devices[d].process_index == jax.process_index()]
+        params, images, classes = (_local_copy(t) for t in (params, images, classes))
 
         def run(d: int) -> np.ndarray:
             part = {k: v[:, d * per:(d + 1) * per] for k, v in padded.items()}
@@ -220,13 +247,36 @@ class ShardedEvaluator:
                 p, x, c = jax.device_put((params, images, classes), devices[d])
                 return np.asarray(self.evaluate_fn(p, part, x, c))
 
-        if self.num_devices == 1:
-            parts = [run(0)]
+        if len(local) == 1:
+            parts = [run(local[0])]
         else:
-            with ThreadPoolExecutor(self.num_devices) as pool:
-                parts = list(pool.map(run, range(self.num_devices)))
-        L = np.concatenate(parts, axis=1)[:, :num_individuals]
-        return jax.device_put(L, self.replicated)
+            with ThreadPoolExecutor(len(local)) as pool:
+                parts = list(pool.map(run, local))
+        if jax.process_count() == 1:
+            L = np.concatenate(parts, axis=1)[:, :num_individuals]
+            return jax.device_put(L, self.replicated)
+        shape = (parts[0].shape[0], per * self.num_devices, parts[0].shape[2])
+        arrays = [jax.device_put(part, devices[d]) for d, part in zip(local, parts)]
+        L = jax.make_array_from_single_device_arrays(shape, self.population_sharding, arrays)
+        return self._cut(L, num_individuals)
+
+    def _cut(self, L: jax.Array, num_individuals: int) -> jax.Array:
+        fn = self._cut_fns.get(num_individuals)
+        if fn is None:
+            fn = jax.jit(lambda x: x[:, :num_individuals], out_shardings=self.replicated)
+            self._cut_fns[num_individuals] = fn
+        return fn(L)
+
+
+def _local_copy(tree: Any) -> Any:
+    """Host numpy copies of (possibly global, replicated) arrays: each process reads its own
+    replica, so a host-side evaluator can put them on its local devices."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return x
+
+    return jax.tree_util.tree_map(get, tree)
 
 
 def shard_evaluator(evaluate_fn: Evaluator, devices: Sequence[jax.Device] | None = None, *,
