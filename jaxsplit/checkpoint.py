@@ -27,7 +27,11 @@ Two layers:
 * `save_model(run_dir, params, cfg, metrics)` / `load_model(run_dir)`: a trained model in
   `run_dir/checkpoint/`: its params and, as metadata, the resolved config, the training metrics
   and a model description (family, width, dropout, num_classes, in_channels, image_size) from
-  which the `ConvNet` is rebuilt.
+  which the model is rebuilt. Models without BatchNorm (ConvNet) store the inner params dict
+  as the tree; BatchNorm models (ResNet, VGG) store the variables dict
+  `{"params": ..., "batch_stats": ...}` (and `"collections"` in the metadata). Which one a
+  checkpoint must hold follows from the rebuilt model, so older ConvNet checkpoints load as
+  before.
 
 On disk (orbax composite checkpoint): `path/tree/` (orbax `StandardSave` of the pytree),
 `path/meta/` (orbax `JsonSave` of `{"format", "format_version", "created", "leaves", "digest",
@@ -42,9 +46,9 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +70,7 @@ __all__ = [
     "read_metadata",
     "save_model",
     "load_model",
+    "LoadedModel",
     "checkpoint_path",
     "params_digest",
 ]
@@ -375,16 +380,18 @@ def checkpoint_path(run_dir: str | os.PathLike) -> Path:
 
 def save_model(run_dir: str | os.PathLike, params: Any, cfg: Any, metrics: Mapping[str, Any],
                *, model: Any = None, overwrite: bool = False) -> Path:
-    """Saves a trained model's params with its config, metrics and description.
+    """Saves a trained model's weights with its config, metrics and description.
 
     Args:
       run_dir: the run folder; the checkpoint goes to `run_dir/checkpoint/`.
-      params: the model's inner params dict.
+      params: the model's inner params dict, or its full variables dict
+        `{"params": ..., "batch_stats": ...}` (required for BatchNorm models: their running
+        averages are saved too).
       cfg: the resolved `jaxsplit.config.Config` of the run.
       metrics: JSON-ready training metrics.
-      model: the `ConvNet` (its num_classes/in_channels/image_size are recorded); when None
-        they are inferred from `params` (first conv's input channels, last Dense's width) and
-        `cfg.data.image_size`.
+      model: the model (its num_classes/in_channels/image_size are recorded); when None
+        they are inferred from `params` (first `conv_*`'s input channels, last `fc_*`'s
+        width, so ConvNet and VGG only) and `cfg.data.image_size`.
       overwrite: replace an existing checkpoint.
 
     Returns:
@@ -392,35 +399,88 @@ def save_model(run_dir: str | os.PathLike, params: Any, cfg: Any, metrics: Mappi
     """
     from jaxsplit import config as jconfig
     from jaxsplit import pipeline
+    from jaxsplit.models import as_variables, has_state
 
     if not isinstance(cfg, jconfig.Config):
         raise TypeError(f"cfg must be a jaxsplit.config.Config, got {type(cfg).__name__}")
+    variables = as_variables(params)
+    inner = variables["params"]
     if model is None:
-        convs = sorted((k for k in params if k.startswith("conv_")), key=lambda k: int(k[5:]))
-        fcs = sorted((k for k in params if k.startswith("fc_")), key=lambda k: int(k[3:]))
+        convs = sorted((k for k in inner if k.startswith("conv_")), key=lambda k: int(k[5:]))
+        fcs = sorted((k for k in inner if k.startswith("fc_")), key=lambda k: int(k[3:]))
         if not convs or not fcs:
-            raise CheckpointMismatchError(f"params have no conv_*/fc_* layers: {sorted(params)}")
+            raise CheckpointMismatchError(
+                f"params have no conv_*/fc_* layers ({sorted(inner)}): pass model= to save_model")
         model = pipeline.build_model(
-            cfg.model, num_classes=int(params[fcs[-1]]["kernel"].shape[-1]),
-            in_channels=int(params[convs[0]]["kernel"].shape[2]), image_size=cfg.data.image_size)
+            cfg.model, num_classes=int(inner[fcs[-1]]["kernel"].shape[-1]),
+            in_channels=int(inner[convs[0]]["kernel"].shape[2]), image_size=cfg.data.image_size)
     meta = {
         "kind": "model",
         "model": pipeline.model_description(cfg.model, model),
         "config": jconfig.to_dict(cfg),
         "metrics": dict(metrics),
     }
-    return save_pytree(checkpoint_path(run_dir), params, meta, overwrite=overwrite)
+    if has_state(model):
+        if "batch_stats" not in variables:
+            raise CheckpointMismatchError(
+                f"{cfg.model.name} has BatchNorm running averages: pass its variables dict "
+                f"{{'params': ..., 'batch_stats': ...}} to save_model, not its params alone")
+        tree = {"params": inner, "batch_stats": variables["batch_stats"]}
+        meta["collections"] = sorted(tree)
+    else:
+        extra = sorted(set(variables) - {"params"})
+        if extra:
+            raise CheckpointMismatchError(
+                f"{cfg.model.name} has no variable collections {extra}; pass its params")
+        tree = inner  # the ConvNet format: the inner params dict
+    return save_pytree(checkpoint_path(run_dir), tree, meta, overwrite=overwrite)
 
 
-def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, Any, dict]:
+class LoadedModel(NamedTuple):
+    """What `load_model` returns (unpacks as `model, params, cfg, metrics`).
+
+    Attributes:
+      model: the rebuilt Flax module.
+      params: the weights as `jaxsplit.train.evaluate` / `predict_logits` take them: the inner
+        params dict for models without BatchNorm (ConvNet), the full variables dict
+        `{"params", "batch_stats"}` for BatchNorm models.
+      cfg: the run's `Config`.
+      metrics: the training metrics.
+    """
+
+    model: Any
+    params: Any
+    cfg: Any
+    metrics: dict
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The full variables dict (`{"params": ...}` plus `"batch_stats"` where the model has
+        them), the `variables` of `apply_fn(variables, x)`."""
+        from jaxsplit.models import as_variables
+
+        return as_variables(self.params)
+
+    @property
+    def apply_fn(self) -> Callable[[Any, jax.Array], jax.Array]:
+        """`apply_fn(variables, x) -> logits (N, C)` in inference mode (BatchNorm running
+        averages, no dropout): `jaxsplit.models.inference_apply(model)`."""
+        from jaxsplit.models import inference_apply
+
+        return inference_apply(self.model)
+
+
+def load_model(run_dir: str | os.PathLike) -> LoadedModel:
     """Loads a model saved by `save_model`.
 
     Args:
       run_dir: a run folder (its `checkpoint/` is read) or a checkpoint directory.
 
     Returns:
-      `(model, params, cfg, metrics)`: the rebuilt `ConvNet`, its params (jax arrays, checked
-      against the model's parameter shapes), the run's `Config` and training metrics.
+      `LoadedModel(model, params, cfg, metrics)`: the rebuilt model, its weights (jax arrays,
+      checked against the model's variable shapes; the inner params dict, or for BatchNorm
+      models the variables dict with `batch_stats`), the run's `Config` and training metrics.
+      `.variables` and `.apply_fn` give `apply_fn(variables, x) -> logits` for any family.
 
     Raises:
       CheckpointNotFoundError: no checkpoint (the message says how to create one).
@@ -429,6 +489,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, Any, dict]:
     """
     from jaxsplit import config as jconfig
     from jaxsplit import pipeline
+    from jaxsplit.models import has_state, init_variables
 
     path = checkpoint_path(run_dir).absolute()
     tree, meta = _restore(path, TRAIN_HINT)
@@ -445,7 +506,9 @@ def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, Any, dict]:
     model_cfg = jconfig.from_dict(
         jconfig.ModelConfig, {"name": desc["family"], "width": desc["width"], "dropout": desc["dropout"]})
     model = pipeline.build_model(model_cfg, desc["num_classes"], desc["in_channels"], desc["image_size"])
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0), model.dummy_input()))["params"]
+    expected = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    if not has_state(model):
+        expected = expected["params"]  # the ConvNet format: the inner params dict
     try:
         params = _fit_tree(tree, expected, path)
     except CheckpointMismatchError as e:
@@ -453,4 +516,4 @@ def load_model(run_dir: str | os.PathLike) -> tuple[Any, Any, Any, dict]:
             f"checkpoint {str(path)!r} does not fit the model it describes ({desc['family']}, "
             f"width {desc['width']}): {e}"
         ) from e
-    return model, params, cfg, dict(info.get("metrics", {}))
+    return LoadedModel(model, params, cfg, dict(info.get("metrics", {})))

@@ -57,9 +57,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Which network (docs/method.md §1) and how wide."""
+    """Which network (docs/method.md §1; the BatchNorm zoo: resnet18, resnet20, vgg11_bn) and how wide."""
 
-    name: Literal["simcnn", "rescnn", "weak_cnn"] = "simcnn"
+    name: Literal["simcnn", "rescnn", "weak_cnn", "resnet18", "resnet20", "vgg11_bn"] = "simcnn"
     width: float = 1.0
     dropout: float | None = None  # None = the family's reference rate
 

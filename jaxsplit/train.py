@@ -15,6 +15,12 @@ Pure, jit-compiled pieces:
 * `evaluate` / `predict_logits`: fixed-shape batches (the last one padded and masked), so one
   compilation serves a whole dataset.
 
+BatchNorm models (`resnet18`, `resnet20`, `vgg11_bn`) also carry running averages: the train
+state has a `batch_stats` field (None for the ConvNet families), train steps apply the model
+with `mutable=["batch_stats"]` and store the new averages, and evaluation uses them. Wherever
+a function here takes `params`, it takes either a model's inner params dict (ConvNet) or its
+full variables dict `{"params": ..., "batch_stats": ...}` (see `jaxsplit.models.as_variables`).
+
 `train_and_evaluate(cfg, workdir)` is the driver (data, loop, progress bar, files).
 
 Axes: N examples, B batch, H/W spatial, C image channels, K classes.
@@ -44,7 +50,7 @@ from jaxsplit import config as jconfig
 from jaxsplit import data as jdata
 from jaxsplit import pipeline
 from jaxsplit.errors import JaxsplitError
-from jaxsplit.models import ConvNet, count_params, init_params
+from jaxsplit.models import as_variables, count_params, has_state, init_variables
 
 __all__ = [
     "TrainState",
@@ -66,7 +72,28 @@ __all__ = [
     "STEP_DECAY_FACTOR",
 ]
 
-TrainState = train_state.TrainState  # step, apply_fn, params, tx, opt_state (flax.struct)
+
+
+class TrainState(train_state.TrainState):
+    """flax's `TrainState` (step, apply_fn, params, tx, opt_state) plus `batch_stats`.
+
+    Attributes:
+      batch_stats: the BatchNorm running averages, or None for models without them.
+    """
+
+    batch_stats: Any = None
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """`{"params": ...}`, plus `"batch_stats"` when the model has them."""
+        return _variables(self.params, self.batch_stats)
+
+
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    if batch_stats is None:
+        return {"params": params}
+    return {"params": params, "batch_stats": batch_stats}
+
 
 # The reference decays the learning rate by 0.1 at epochs 60 and 120 of 200: 30% and 60%.
 STEP_DECAY_EPOCH_FRACTIONS = (0.3, 0.6)
@@ -81,16 +108,24 @@ class TrainResult(NamedTuple):
     """What `train_and_evaluate` returns.
 
     Attributes:
-      params: the best-on-valid parameters (inner params dict).
-      model: the `ConvNet`.
+      params: the best-on-valid weights, as `evaluate` / `predict_logits` take them: the
+        inner params dict for models without BatchNorm (ConvNet), the full variables dict
+        `{"params", "batch_stats"}` for BatchNorm models (the same convention as
+        `jaxsplit.checkpoint.load_model`).
+      model: the model (`ConvNet`, `ResNet`, `VGG`).
       metrics: JSON-ready summary (also written to `metrics.json`).
       history: one dict per epoch (train/valid loss and accuracy, lr, seconds).
     """
 
     params: Any
-    model: ConvNet
+    model: Any
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The full variables dict, for `jaxsplit.models.inference_apply(model)`."""
+        return as_variables(self.params)
 
 
 # -- optimiser ---------------------------------------------------------------------------------
@@ -168,9 +203,9 @@ def _make_optimizer_cached(train_cfg: jconfig.TrainConfig, steps_per_epoch: int)
     return optax.chain(optax.add_decayed_weights(wd), base) if wd > 0 else base
 
 
-# jit-compiled once per model (ConvNet is a hashable frozen dataclass); eager init compiles
+# jit-compiled once per model (models are hashable frozen dataclasses); eager init compiles
 # each initializer separately, which is slower on CPU.
-_init_params_jit = jax.jit(init_params, static_argnums=0)
+_init_variables_jit = jax.jit(init_variables, static_argnums=0)
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -184,9 +219,14 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.key(seed, impl="rbg"), jax.random.fold_in(jax.random.key(seed), 1)
 
 
-def create_train_state(key: jax.Array, model: ConvNet, tx: optax.GradientTransformation) -> TrainState:
-    """Fresh parameters (`init_params(model, key)`, jit-compiled) and optimiser state."""
-    return TrainState.create(apply_fn=model.apply, params=_init_params_jit(model, key), tx=tx)
+def create_train_state(key: jax.Array, model: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Fresh variables (`init_variables(model, key)`, jit-compiled) and optimiser state.
+
+    `batch_stats` is the model's initial running averages, or None for models without them.
+    """
+    variables = _init_variables_jit(model, key)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats"))
 
 
 # -- steps -------------------------------------------------------------------------------------
@@ -239,7 +279,9 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
       augment: apply `augment_batch` to the images.
 
     Returns:
-      `(new_state, {"loss": (), "accuracy": ()})` of the batch (before the update).
+      `(new_state, {"loss": (), "accuracy": ()})` of the batch (before the update). For a
+      model with BatchNorm, the new state's `batch_stats` are the running averages updated
+      with this batch's statistics.
     """
     images, labels = batch
     chex.assert_rank(images, 4)
@@ -248,29 +290,41 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
     if augment:
         images = augment_batch(aug_key, images)
 
-    def loss_fn(params):
-        logits = state.apply_fn({"params": params}, images, train=True, rngs={"dropout": dropout_key})
-        return cross_entropy_loss(logits, labels).mean(), logits
+    if state.batch_stats is None:
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, images, train=True, rngs={"dropout": dropout_key})
+            return cross_entropy_loss(logits, labels).mean(), logits
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads)
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads)
+    else:
+        def loss_fn(params):
+            logits, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+                rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+            return cross_entropy_loss(logits, labels).mean(), (logits, updates["batch_stats"])
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, {"loss": loss, "accuracy": accuracy}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _eval_batch(model: ConvNet, params: Any, images: jax.Array, labels: jax.Array,
+def _eval_batch(model: Any, variables: Any, images: jax.Array, labels: jax.Array,
                 valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Summed loss and number correct over the `valid` (B,) examples of a batch."""
-    logits = model.apply({"params": params}, images)
+    logits = model.apply(variables, images)
     loss = jnp.sum(jnp.where(valid, cross_entropy_loss(logits, labels), 0.0))
     correct = jnp.sum(valid & (jnp.argmax(logits, -1) == labels))
     return loss, correct
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _logits_batch(model: ConvNet, params: Any, images: jax.Array, masks: Any) -> jax.Array:
-    return model.apply({"params": params}, images, masks=masks)
+def _logits_batch(model: Any, variables: Any, images: jax.Array, masks: Any) -> jax.Array:
+    if masks is None:  # models without kernel masks (ResNet, VGG) take no `masks` argument
+        return model.apply(variables, images)
+    return model.apply(variables, images, masks=masks)
 
 
 def _padded_batches(images: np.ndarray, batch_size: int, labels: np.ndarray | None = None):
@@ -289,15 +343,28 @@ def _padded_batches(images: np.ndarray, batch_size: int, labels: np.ndarray | No
         yield x, y, valid
 
 
+def _inference_variables(model: Any, params: Any) -> dict[str, Any]:
+    """The variables dict of `params`; a clear error when a BatchNorm model lacks batch_stats."""
+    variables = as_variables(params)
+    if "batch_stats" not in variables and has_state(model):
+        raise ValueError(
+            f"{type(model).__name__} has BatchNorm running averages: pass its full variables "
+            f"dict {{'params': ..., 'batch_stats': ...}} (e.g. TrainResult.variables or "
+            f"checkpoint.load_model(run).variables), not its params alone"
+        )
+    return variables
+
+
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
-def evaluate(model: ConvNet, params: Any, ds: jdata.Dataset, batch_size: int = 1000) -> dict[str, float]:
-    """Mean loss and accuracy of `model` on every example of `ds`.
+def evaluate(model: Any, params: Any, ds: jdata.Dataset, batch_size: int = 1000) -> dict[str, float]:
+    """Mean loss and accuracy of `model` on every example of `ds` (inference mode).
 
-    Batches have the fixed size `min(batch_size, N)`; the last one is zero-padded and its
+    `params` is the inner params dict, or the full variables dict (needed for BatchNorm
+    models: their running averages are used). Batches have the fixed size `min(batch_size, N)`; the last one is zero-padded and its
     padding masked out, so one compilation serves the whole dataset and every example
     counts exactly once.
 
@@ -311,18 +378,20 @@ def evaluate(model: ConvNet, params: Any, ds: jdata.Dataset, batch_size: int = 1
     bs = min(batch_size, n)
     total_loss = jnp.zeros((), jnp.float32)
     total_correct = jnp.zeros((), jnp.int32)
+    variables = _inference_variables(model, params)
     for x, y, valid in _padded_batches(ds.images, bs, ds.labels):
-        loss, correct = _eval_batch(model, params, x, y, valid)
+        loss, correct = _eval_batch(model, variables, x, y, valid)
         total_loss, total_correct = total_loss + loss, total_correct + correct
     return {"loss": float(total_loss) / n, "accuracy": int(total_correct) / n, "num_examples": n}
 
 
-def predict_logits(model: ConvNet, params: Any, images: np.ndarray | jax.Array,
+def predict_logits(model: Any, params: Any, images: np.ndarray | jax.Array,
                    batch_size: int = 1000, masks: Any = None) -> np.ndarray:
-    """Logits `(N, K)` of images `(N, H, W, C)`, in fixed-size (padded) batches.
+    """Logits `(N, K)` of images `(N, H, W, C)`, in fixed-size (padded) batches (inference mode).
 
     Args:
-      masks: optional kernel masks `{conv_name: (K_l,)}` passed to the model.
+      params: the inner params dict, or the full variables dict (BatchNorm models).
+      masks: optional kernel masks `{conv_name: (K_l,)}` passed to the model (ConvNet only).
     """
     _check_batch_size(batch_size)
     images = np.asarray(images)
@@ -330,7 +399,8 @@ def predict_logits(model: ConvNet, params: Any, images: np.ndarray | jax.Array,
     if n == 0:
         return np.zeros((0, model.num_classes), np.float32)
     bs = min(batch_size, n)
-    out = [np.asarray(_logits_batch(model, params, x, masks)[valid])
+    variables = _inference_variables(model, params)
+    out = [np.asarray(_logits_batch(model, variables, x, masks)[valid])
            for x, _, valid in _padded_batches(images, bs)]
     return np.concatenate(out)
 
@@ -451,7 +521,8 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
         bar = tqdm(total=tcfg.epochs * steps_per_epoch, unit="step", dynamic_ncols=True,
                    desc=f"train {cfg.model.name}")
     history: list[dict[str, Any]] = []
-    best = {"accuracy": -1.0, "epoch": 0, "params": state.params, "loss": math.inf}
+    best = {"accuracy": -1.0, "epoch": 0, "params": state.params, "batch_stats": state.batch_stats,
+            "loss": math.inf}
     t_train = time.perf_counter()
     try:
         for epoch in range(1, tcfg.epochs + 1):
@@ -465,11 +536,11 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
                     f"the train loss became {train_m['loss']} in epoch {epoch}; lower "
                     f"train.learning_rate (now {tcfg.learning_rate}) or use another optimizer"
                 )
-            valid_m = evaluate(model, state.params, valid_ds, tcfg.eval_batch_size)
+            valid_m = evaluate(model, state.variables, valid_ds, tcfg.eval_batch_size)
             # `>=` as the reference: on ties the later epoch wins.
             if valid_m["accuracy"] >= best["accuracy"]:
                 best = {"accuracy": valid_m["accuracy"], "epoch": epoch, "params": state.params,
-                        "loss": valid_m["loss"]}
+                        "batch_stats": state.batch_stats, "loss": valid_m["loss"]}
             history.append({
                 "epoch": epoch,
                 "train_loss": train_m["loss"],
@@ -486,8 +557,9 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
         if bar is not None:
             bar.close()
     train_time = time.perf_counter() - t_train
-    params = best["params"]
-    test_m = evaluate(model, params, test_ds, tcfg.eval_batch_size)
+    params, batch_stats = best["params"], best["batch_stats"]
+    variables = _variables(params, batch_stats)
+    test_m = evaluate(model, variables, test_ds, tcfg.eval_batch_size)
     data_record = stats.pop("data", None) if stats else None
     metrics = _json_ready({
         "test_accuracy": test_m["accuracy"],
@@ -518,8 +590,9 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
         workdir.mkdir(parents=True, exist_ok=True)
         _write_atomic(workdir / "config.yaml", yaml.safe_dump(jconfig.to_dict(cfg), sort_keys=False))
         _write_atomic(workdir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        checkpoint.save_model(workdir, params, cfg, metrics, model=model, overwrite=overwrite)
-    return TrainResult(params, model, metrics, history)
+        checkpoint.save_model(workdir, params if batch_stats is None else variables, cfg, metrics,
+                              model=model, overwrite=overwrite)
+    return TrainResult(params if batch_stats is None else variables, model, metrics, history)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ from flax import struct
 from jaxsplit import checkpoint as ckpt
 from jaxsplit import config as jconfig
 from jaxsplit import pipeline
-from jaxsplit.models import init_params
+from jaxsplit.models import inference_apply, init_params, init_variables
 
 
 class Pair(NamedTuple):
@@ -211,3 +211,60 @@ def test_load_model_errors(tmp_path):
     ckpt.save_pytree(tmp_path / "notmodel" / "checkpoint", {"x": jnp.zeros(2)}, {"kind": "search"})
     with pytest.raises(ckpt.CheckpointCorruptError, match="holds no model"):
         ckpt.load_model(tmp_path / "notmodel")
+
+
+# -- BatchNorm models --------------------------------------------------------------------------------
+
+
+def _bn_cfg(name: str = "resnet20") -> jconfig.Config:
+    return jconfig.from_dict(jconfig.Config, {
+        "name": "ck_bn",
+        "data": {"source": "synthetic", "name": "synthetic", "image_size": 16},
+        "model": {"name": name, "width": 0.25},
+    })
+
+
+def _random_variables(model, seed: int = 0) -> dict:
+    """Random arrays of `model`'s variable shapes (nothing compiled)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), shapes)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg11_bn"])
+def test_batch_stats_round_trip(tmp_path, name):
+    cfg = _bn_cfg(name)
+    model = pipeline.build_model(cfg.model, 10, 1, 32 if name == "vgg11_bn" else 16)
+    variables = _random_variables(model)
+    saved = ckpt.save_model(tmp_path / "run", variables, cfg, {"test_accuracy": 0.5}, model=model)
+    raw, meta = ckpt.load_pytree(saved)
+    assert sorted(raw) == ["batch_stats", "params"] and meta["collections"] == ["batch_stats", "params"]
+    loaded = ckpt.load_model(tmp_path / "run")
+    model2, params2, cfg2, metrics2 = loaded
+    assert model2 == model and cfg2 == cfg and metrics2 == {"test_accuracy": 0.5}
+    _assert_bit_equal(params2, variables)
+    _assert_bit_equal(loaded.variables, variables)
+    assert loaded.apply_fn is inference_apply(model)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="batch_stats"):
+        ckpt.save_model(tmp_path / "params_only", variables["params"], cfg, {}, model=model)
+    # a checkpoint without the running averages does not fit the model it describes
+    ckpt.save_pytree(ckpt.checkpoint_path(tmp_path / "stale"), variables["params"], meta)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="does not fit"):
+        ckpt.load_model(tmp_path / "stale")
+
+
+def test_convnet_checkpoints_keep_the_params_only_format(tmp_path):
+    cfg = _cfg()
+    model = pipeline.build_model(cfg.model, 10, 1, 16)
+    params = _init(model)
+    saved = ckpt.save_model(tmp_path / "run", {"params": params}, cfg, {}, model=model)
+    raw, meta = ckpt.load_pytree(saved)
+    assert sorted(raw) == sorted(params) and "collections" not in meta  # conv_0, ..., fc_3
+    loaded = ckpt.load_model(saved)
+    _assert_bit_equal(loaded.params, params)
+    assert set(loaded.variables) == {"params"}
+    with pytest.raises(ckpt.CheckpointMismatchError, match="batch_stats"):
+        ckpt.save_model(tmp_path / "bad", {"params": params, "batch_stats": {}}, cfg, {}, model=model)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="pass model="):
+        resnet = pipeline.build_model(_bn_cfg().model, 10, 1, 16)
+        ckpt.save_model(tmp_path / "bad2", _random_variables(resnet), _bn_cfg(), {})

@@ -12,7 +12,8 @@ import pytest
 
 from jaxsplit import config as jconfig
 from jaxsplit import data as jdata
-from jaxsplit import pipeline, train
+from jaxsplit import checkpoint, pipeline, train
+from jaxsplit.models import inference_apply
 
 
 # One model for every test here (weak_cnn, width 0.25, 28x28x1 inputs, 10 classes, head
@@ -300,3 +301,81 @@ def test_tiny_model_on_real_fashion_mnist():
     assert result.metrics["num_test"] == 10_000
     assert result.metrics["test_accuracy"] > 0.70
     assert result.metrics["normalization"]["normalization"] == "dataset"
+
+
+# -- unchanged ConvNet training ------------------------------------------------------------------
+
+
+def test_convnet_train_steps_are_bit_identical_to_params_only_training(tiny_data):
+    """Three augmented, dropout train steps of the tiny ConvNet give exactly the losses and
+    parameter sum that training gave before the train state carried batch_stats (values computed
+    with jaxsplit at commit f99beb4, CPU backend)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("reference values were computed on the CPU backend")
+    model = _tiny_model()
+    tx = train.make_optimizer(_tiny_cfg().train, 12)
+    init_key, dropout_key = train.run_keys(0)
+    state = train.create_train_state(init_key, model, tx)
+    assert state.batch_stats is None and set(state.variables) == {"params"}
+    images, labels = tiny_data[0].images, tiny_data[0].labels
+    losses = []
+    for i in range(3):
+        batch = (images[i * 50:(i + 1) * 50], labels[i * 50:(i + 1) * 50])
+        state, m = train.train_step(state, batch, dropout_key, augment=True)
+        losses.append(float(m["loss"]))
+    total = sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(state.params))
+    assert losses == [2.3561458587646484, 2.2996318340301514, 2.2977027893066406]
+    assert total == -4.833289009922964
+
+
+# -- BatchNorm models ------------------------------------------------------------------------------
+
+
+def _resnet_cfg(**train_changes) -> jconfig.Config:
+    cfg = _tiny_cfg(epochs=1, **train_changes)
+    return jconfig.from_dict(jconfig.Config, {**jconfig.to_dict(cfg),
+                                              "model": {"name": "resnet20", "width": 0.25}})
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tiny_data, tmp_path_factory):
+    """resnet20 (width 0.25: 4-8-16 channels) trained one epoch (12 steps) on the tiny data."""
+    cfg = _resnet_cfg()
+    run = tmp_path_factory.mktemp("resnet") / "run"
+    result = train.train_and_evaluate(cfg, run, data=tiny_data, progress=False)
+    return cfg, run, result
+
+
+def test_resnet20_one_epoch_lowers_the_loss_and_updates_batch_stats(resnet_run, tiny_data):
+    cfg, _, result = resnet_run
+    model = result.model
+    _, valid_ds, test_ds = tiny_data
+    init = train.create_train_state(train.run_keys(cfg.train.seed)[0], model,
+                                    train.make_optimizer(cfg.train, 12))
+    before = train.evaluate(model, init.variables, valid_ds, 64)
+    after = train.evaluate(model, result.params, valid_ds, 64)
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] == result.metrics["valid_accuracy"]
+    assert result.metrics["steps"] == 12 and result.metrics["num_params"] == sum(
+        x.size for x in jax.tree.leaves(result.params["params"]))
+    # the saved running averages were updated by the train steps, and evaluation uses them
+    assert set(result.params) == {"params", "batch_stats"} and result.variables == result.params
+    old = jax.tree.leaves(init.batch_stats)
+    assert all(not np.allclose(a, b) for a, b in zip(old, jax.tree.leaves(result.params["batch_stats"])))
+    stale = {"params": result.params["params"], "batch_stats": init.batch_stats}
+    assert train.evaluate(model, stale, valid_ds, 64)["loss"] != after["loss"]
+    with pytest.raises(ValueError, match="batch_stats"):
+        train.evaluate(model, result.params["params"], valid_ds, 64)
+    logits = train.predict_logits(model, result.params, test_ds.images[:70], batch_size=64)
+    direct = jax.jit(inference_apply(model))(result.variables, test_ds.images[:70])
+    np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_resnet20_run_folder_loads_with_batch_stats(resnet_run, tiny_data):
+    cfg, run, result = resnet_run
+    loaded = checkpoint.load_model(run)
+    model, params, cfg2, metrics = loaded
+    assert model == result.model and cfg2 == cfg
+    assert _leaves_equal(loaded.variables, result.variables)
+    assert loaded.apply_fn is inference_apply(model)
+    assert train.evaluate(model, params, tiny_data[2], 64)["accuracy"] == metrics["test_accuracy"]
