@@ -9,6 +9,7 @@ from jaxsplit.models.convnet import (
     activations,
     build_model,
     conv_macs,
+    convnet_of,
     count_params,
     head_macs,
     init_params,
@@ -20,7 +21,7 @@ from jaxsplit.models.convnet import (
 
 __all__ = [
     "ConvLayerDef", "ConvLayerSpec", "ConvNet", "ConvSpec", "ModelInputError", "activations",
-    "build_model", "conv_macs", "count_params", "head_macs", "init_params", "random_params", "rescnn",
+    "build_model", "conv_macs", "convnet_of", "count_params", "head_macs", "init_params", "random_params", "rescnn",
     "simcnn",
     "weak_cnn",
 ]
