@@ -14,8 +14,11 @@ Two layers:
     `overwrite=True`; then the new checkpoint is written completely *before* the old one is
     swapped out (rename old away, rename new in, delete old).
   - **checked**: the metadata records each leaf's shape/dtype and a SHA-256 digest of all leaf
-    bytes; loading verifies it, so a truncated, deleted or silently altered file gives a
-    `CheckpointCorruptError` naming the path (orbax alone restores flipped bytes silently).
+    bytes, and a second digest (`record_digest`) covers the whole metadata record (the
+    metadata dict, the leaf table, the array digest); loading verifies both, so a truncated,
+    deleted or silently altered file, or hand-edited metadata (a changed normalisation or
+    split seed), gives a `CheckpointCorruptError` naming the path (orbax alone restores flipped
+    bytes silently).
   - **typed errors**: missing -> `CheckpointNotFoundError` (a `FileNotFoundError`), unreadable or
     corrupt -> `CheckpointCorruptError`, shapes that do not fit the target ->
     `CheckpointMismatchError` naming the leaf (e.g. `conv_3/kernel`). All are `CheckpointError`
@@ -33,6 +36,7 @@ On disk (orbax composite checkpoint): `path/tree/` (orbax `StandardSave` of the 
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import datetime
 import hashlib
 import json
@@ -62,17 +66,18 @@ __all__ = [
     "save_model",
     "load_model",
     "checkpoint_path",
+    "params_digest",
 ]
 
 FORMAT_NAME = "jaxsplit-pytree"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the record digest covers the metadata too (normalisation, split seed, ...)
 CHECKPOINT_DIRNAME = "checkpoint"  # a run's model checkpoint: runs/NAME/checkpoint/
 _TREE_ITEM = "tree"
 _META_ITEM = "meta"
 TRAIN_HINT = "create it with `jaxsplit train --config CONFIG.yaml --out RUN_DIR`"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxsplitError, ValueError):
     """A checkpoint that cannot be written or read."""
 
 
@@ -142,6 +147,25 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def _record_digest(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of the metadata record (every field but `record_digest`), canonical JSON."""
+    body = {k: v for k, v in meta.items() if k != "record_digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def params_digest(params: Any) -> str:
+    """SHA-256 of every leaf's bytes (with its path, dtype and shape), in path order: the
+    identity of a trained model's weights (recorded by modularize, checked by patch)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(arr.dtype).encode() + repr(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def _checkpointer() -> ocp.Checkpointer:
     # Synchronous: save returns once the checkpoint is complete on disk.
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -193,6 +217,7 @@ def save_pytree(path: str | os.PathLike, tree: Any, metadata: Mapping[str, Any] 
         "digest": digest,
         "metadata": metadata,
     }
+    meta["record_digest"] = _record_digest(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.new-{token}"
@@ -243,7 +268,14 @@ def _restore(path: Path, hint: str | None) -> tuple[Any, dict]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointCorruptError(
             f"checkpoint {str(path)!r} has format version {meta.get('format_version')!r}; this "
-            f"jaxsplit reads version {FORMAT_VERSION}{hint_text}"
+            f"jaxsplit reads version {FORMAT_VERSION} (version 1 did not protect its metadata); "
+            f"create it again{hint_text}"
+        )
+    if meta.get("record_digest") != _record_digest(meta):
+        raise CheckpointCorruptError(
+            f"checkpoint {str(path)!r} is corrupt: its metadata (config, normalisation, metrics) "
+            f"does not match the digest recorded when it was saved, so it was edited or damaged; "
+            f"delete it and create it again{hint_text}"
         )
     leaves, digest = _describe_leaves(tree)
     if leaves != meta.get("leaves") or digest != meta.get("digest"):

@@ -3,53 +3,92 @@
 Every stage reads and writes one run folder (`runs/NAME/`):
 
     jaxsplit train --config configs/fashion_mnist_cpu.yaml --out runs/fmnist
-    jaxsplit modularize --run runs/fmnist [--set search.num_generations=10] [--resume]
+    jaxsplit modularize --run runs/fmnist [--set search.num_generations=10] [--resume | --restart]
     jaxsplit patch --run runs/fmnist
     jaxsplit report --run runs/fmnist
     jaxsplit evaluate --run runs/fmnist --split test
     jaxsplit demo --out runs/demo        # all of the above on the embedded CPU preset
 
 Config precedence (later wins): built-in defaults < the run folder's `config.yaml` (for
-modularize / patch) < `--config FILE` < `--set key=value` (dotted keys, YAML values, e.g.
-`--set train.epochs=3 --set model.width=0.25`) < `--data-dir`.
+modularize / patch) < `modularize/config.yaml` (for `modularize --resume`: the settings the
+search started with) < `--config FILE` < `--set key=value` (dotted keys, YAML values, e.g.
+`--set train.epochs=3 --set model.width=0.25`) < `--data-dir`. `train` without `--config`
+uses the CPU preset (`configs/fashion_mnist_cpu.yaml`) and says so.
 
-Bad input (config, data, checkpoint, run folder) prints one line `jaxsplit CMD: error: ...` to
-stderr and exits with status 2; `--debug` shows the traceback instead.
+Bad input (config, data, checkpoint, run folder: jaxsplit's own error types, see
+`jaxsplit.errors`) prints `jaxsplit CMD: error: ...` to stderr (multi-line messages keep their
+lines) and exits with status 2; `--debug` shows the traceback instead. Any other exception is
+a bug and shows its traceback. Ctrl-C exits with 130 and prints the command that continues.
+A stage holds its run folder's lock (`jaxsplit.io.run_lock`) while it writes there.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import inspect
+import json
+import shlex
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from jaxsplit import config as jconfig
+from jaxsplit.errors import JaxsplitError
 
-__all__ = ["main", "build_parser", "resolve_config", "StageUnavailableError", "EXIT_USAGE"]
+__all__ = ["main", "build_parser", "resolve_config", "EXIT_USAGE", "BenchmarkNotFoundError"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad input: config, data, checkpoint, run folder
 EXIT_INTERRUPTED = 130
 
-# Output that marks a stage as done (the demo skips stages whose output exists).
+# Output that marks a stage as done (the demo skips stages whose output exists and parses).
 STAGE_OUTPUTS = {
     "train": Path("checkpoint"),
     "modularize": Path("modularize") / "summary.json",
     "patch": Path("patch") / "patch_results.json",
     "report": Path("report.md"),
 }
+CPU_PRESET = "configs/fashion_mnist_cpu.yaml"  # = jaxsplit.presets.DEMO
+
+EXAMPLES = {
+    "train": """examples:
+  jaxsplit train --config configs/fashion_mnist_cpu.yaml --out runs/fm
+  jaxsplit train --out runs/fm --set train.epochs=2     # no --config: the CPU preset
+  jaxsplit train --config configs/simcnn_cifar10.yaml --out runs/c10 --overwrite
+
+Without --config, train uses the CPU preset (configs/fashion_mnist_cpu.yaml: SimCNN x0.125 on
+Fashion-MNIST, about 2 min on 2 cores), never the full-width model. A run expected to take
+more than 15 minutes prints an estimate first.""",
+    "modularize": """examples:
+  jaxsplit modularize --run runs/fm
+  jaxsplit modularize --run runs/fm --set search.population_size=30 --set search.num_generations=30
+  jaxsplit modularize --run runs/fm --resume     # continue; the saved --set values are reused
+  jaxsplit modularize --run runs/fm --restart    # move modularize/ to modularize.old-<time>/, start over""",
+    "patch": """examples:
+  jaxsplit patch --run runs/fm
+  jaxsplit patch --run runs/fm --set patch.target_classes=[0,1]""",
+    "report": """examples:
+  jaxsplit report --run runs/fm          # writes runs/fm/report.md""",
+    "evaluate": """examples:
+  jaxsplit evaluate --run runs/fm --split test
+  jaxsplit evaluate --run runs/fm --split valid --data-dir /data/fashion-mnist""",
+    "bench": """examples:
+  jaxsplit bench --quick          # every argument after `bench` goes to the benchmark""",
+    "demo": """examples:
+  jaxsplit demo --out runs/demo
+  jaxsplit demo --out runs/demo --data-dir /data/fashion-mnist --no-progress
+
+Stages whose results exist (and parse) are skipped, so running it again after an interruption
+continues where it stopped.""",
+}
 
 
-class StageUnavailableError(RuntimeError):
-    """A pipeline stage whose module is not part of this installation."""
+class BenchmarkNotFoundError(JaxsplitError, FileNotFoundError):
+    """The benchmark script is not next to the installed package."""
 
 
 # -- config resolution ---------------------------------------------------------------------------
@@ -71,13 +110,15 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_config(*, base: Mapping | None = None, run_dir: Path | None = None,
-                   config_path: str | Path | None = None, sets: Sequence[str] = (),
-                   data_dir: str | Path | None = None) -> jconfig.Config:
-    """The config of a command: defaults < `base` < run's config.yaml < file < `--set` < data dir.
+                   saved: Path | None = None, config_path: str | Path | None = None,
+                   sets: Sequence[str] = (), data_dir: str | Path | None = None) -> jconfig.Config:
+    """The config of a command: defaults < `base` < run's config.yaml < `saved` < file < `--set`
+    < data dir.
 
     Args:
       base: a config dict under everything else (the demo's embedded preset).
       run_dir: a run folder whose `config.yaml` is read when it exists.
+      saved: a config file saved by an earlier stage (`modularize/config.yaml` for `--resume`).
       config_path: a YAML file (`--config`).
       sets: `key=value` overrides (`--set`).
       data_dir: `--data-dir`, sets `data.data_dir`.
@@ -88,6 +129,8 @@ def resolve_config(*, base: Mapping | None = None, run_dir: Path | None = None,
     data: dict = dict(base or {})
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         data = jconfig.merge(data, _read_yaml(run_dir / "config.yaml"))
+    if saved is not None:
+        data = jconfig.merge(data, _read_yaml(saved))
     if config_path is not None:
         data = jconfig.merge(data, _read_yaml(Path(config_path)))
     data = jconfig.merge(data, jconfig.parse_overrides(list(sets)))
@@ -127,21 +170,6 @@ def _require_run(run_dir: Path) -> None:
             f"run folder {str(run_dir)!r} has no checkpoint/; {checkpoint.TRAIN_HINT}")
 
 
-def _stage_function(module: str, name: str, stage: str) -> Callable:
-    """`module.name`, imported lazily; StageUnavailableError when the module is missing."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-            raise StageUnavailableError(
-                f"the {stage} stage is not available: module {module} is missing") from e
-        raise
-    fn = getattr(mod, name, None)
-    if fn is None:
-        raise StageUnavailableError(f"the {stage} stage is not available: {module}.{name} is missing")
-    return fn
-
-
 def _print_summary(title: str, result: Any) -> None:
     """The scalar entries of a stage's result dict, one per line."""
     print(title)
@@ -151,13 +179,22 @@ def _print_summary(title: str, result: Any) -> None:
                 print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
 
 
+def _command(*parts: str) -> str:
+    return "jaxsplit " + shlex.join(parts)
+
+
 # -- commands ---------------------------------------------------------------------------------------
 
 
 def _train(cfg: jconfig.Config, out: Path, *, progress: bool, overwrite: bool = False) -> dict:
-    from jaxsplit import train
+    from jaxsplit import io as jio
+    from jaxsplit import pipeline, train
 
-    result = train.train_and_evaluate(cfg, out, progress=progress, overwrite=overwrite)
+    estimate = pipeline.train_estimate(cfg)
+    if estimate is not None:
+        print(estimate, flush=True)
+    with jio.run_lock(out, "jaxsplit train"):
+        result = train.train_and_evaluate(cfg, out, progress=progress, overwrite=overwrite)
     m = result.metrics
     print(f"trained {cfg.model.name} (width {cfg.model.width}, {m['num_params']:,} params) on "
           f"{cfg.data.name} in {m['train_time_s']:.1f} s")
@@ -168,43 +205,74 @@ def _train(cfg: jconfig.Config, out: Path, *, progress: bool, overwrite: bool = 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = resolve_config(config_path=args.config, sets=args.set, data_dir=args.data_dir)
+    from jaxsplit import presets
+
+    base = None
+    if args.config is None:
+        base = presets.DEMO
+        print(f"no --config: using the CPU preset ({CPU_PRESET}, model {base['model']['name']} "
+              f"width {base['model']['width']}); pass --config for another model "
+              f"(configs/*.yaml)", flush=True)
+    cfg = resolve_config(base=base, config_path=args.config, sets=args.set, data_dir=args.data_dir)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
+    args.interrupt_hint = ("training cannot be resumed and nothing was saved; run the same "
+                           "command again")
     _train(cfg, out, progress=not args.no_progress, overwrite=args.overwrite)
     return EXIT_OK
 
 
-def _run_config(args: argparse.Namespace) -> tuple[Path, jconfig.Config]:
+def _run_config(args: argparse.Namespace, saved: Path | None = None) -> tuple[Path, jconfig.Config]:
     run_dir = Path(args.run)
     _require_run(run_dir)
-    cfg = resolve_config(run_dir=run_dir, config_path=getattr(args, "config", None),
+    cfg = resolve_config(run_dir=run_dir, saved=saved, config_path=getattr(args, "config", None),
                          sets=getattr(args, "set", ()), data_dir=getattr(args, "data_dir", None))
     _check_matches_run(cfg, run_dir)
     return run_dir, cfg
 
 
 def cmd_modularize(args: argparse.Namespace) -> int:
-    run_dir, cfg = _run_config(args)
-    run_modularize = _stage_function("jaxsplit.search.driver", "run_modularize", "modularize")
-    result = run_modularize(run_dir, cfg, resume=args.resume)
-    _print_summary(f"modularized {run_dir} -> {run_dir / 'modularize'}", result)
+    from jaxsplit.search import driver
+
+    run_dir = Path(args.run)
+    saved = run_dir / driver.MODULARIZE_DIRNAME / driver.CONFIG_FILE
+    saved = saved if args.resume and saved.is_file() else None
+    run_dir, cfg = _run_config(args, saved)
+    if saved is not None:
+        print(f"resuming with the settings saved in {saved} (--config/--set still apply on top)")
+    again = ["modularize", "--run", str(run_dir), "--resume"]
+    if args.data_dir is not None:
+        again += ["--data-dir", str(args.data_dir)]
+    args.interrupt_hint = (f"the search is saved every {cfg.search.checkpoint_every} "
+                           f"generation(s); continue it with:\n  {_command(*again)}")
+    result = driver.run_modularize(run_dir, cfg, resume=args.resume, restart=args.restart,
+                                   progress=not args.no_progress)
+    _print_summary(f"modularized {run_dir} -> {run_dir / driver.MODULARIZE_DIRNAME}", result)
     return EXIT_OK
 
 
 def cmd_patch(args: argparse.Namespace) -> int:
+    from jaxsplit import io as jio
+    from jaxsplit import patch
+
     run_dir, cfg = _run_config(args)
-    run_patch = _stage_function("jaxsplit.patch", "run_patch", "patch")
-    result = run_patch(run_dir, cfg)
+    args.interrupt_hint = (f"finished weak models are kept in {run_dir / 'patch'}; continue with:"
+                           f"\n  {_command('patch', '--run', str(run_dir))}")
+    with jio.run_lock(run_dir, "jaxsplit patch"):
+        result = patch.run_patch(run_dir, cfg, progress=not args.no_progress)
     _print_summary(f"patched with {run_dir} -> {run_dir / 'patch'}", result)
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from jaxsplit import io as jio
+    from jaxsplit import report
+    from jaxsplit.errors import RunFolderError
+
     run_dir = Path(args.run)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
-    write_report = _stage_function("jaxsplit.report", "write_report", "report")
-    print(f"wrote {write_report(run_dir)}")
+        raise RunFolderError(f"run folder {str(run_dir)!r} does not exist")
+    with jio.run_lock(run_dir, "jaxsplit report"):
+        print(f"wrote {report.write_report(run_dir)}")
     return EXIT_OK
 
 
@@ -228,25 +296,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _find_bench_script() -> Path | None:
-    name = Path("benchmarks") / "bench_evaluator.py"
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / name).is_file():
-            return base / name
-    return None
+    """`benchmarks/bench_evaluator.py` next to the installed `jaxsplit` package (a source
+    checkout or an editable install), never a file of the current directory."""
+    import jaxsplit
+
+    script = Path(jaxsplit.__file__).resolve().parent.parent / "benchmarks" / "bench_evaluator.py"
+    return script if script.is_file() else None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib.util
+
     script = _find_bench_script()
     if script is None:
-        raise StageUnavailableError(
-            "benchmarks/bench_evaluator.py was not found (run from the repository root)")
+        import jaxsplit
+
+        raise BenchmarkNotFoundError(
+            f"the benchmark is not part of this installation: it is benchmarks/bench_evaluator.py "
+            f"of the source checkout, next to the jaxsplit package ({Path(jaxsplit.__file__).parent}); "
+            f"install jaxsplit from a checkout with `pip install -e .`")
     spec = importlib.util.spec_from_file_location("jaxsplit_bench_evaluator", script)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
     main_fn = getattr(module, "main", None)
     if main_fn is None:
-        raise StageUnavailableError(f"{script} has no main()")
+        raise BenchmarkNotFoundError(f"{script} has no main()")
     bench_args = list(args.bench_args)
     if inspect.signature(main_fn).parameters:
         rc = main_fn(bench_args)
@@ -259,8 +334,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(rc or 0)
 
 
+def stage_done(out: Path, stage: str) -> bool:
+    """Whether `stage`'s result exists in `out` and parses (a truncated or empty result file, e.g.
+    after a full disk, does not count: the stage runs again)."""
+    from jaxsplit import checkpoint
+
+    path = out / STAGE_OUTPUTS[stage]
+    if not path.exists():
+        return False
+    if stage == "train":
+        checkpoint.load_model(out)  # a corrupt checkpoint is an error naming it, never "done"
+        return True
+    try:
+        if path.suffix == ".json":
+            if not isinstance(json.loads(path.read_text()), dict):
+                raise ValueError("not a JSON object")
+        elif path.stat().st_size == 0:
+            raise ValueError("empty file")
+    except (OSError, ValueError) as e:
+        print(f"[{stage}] {path} is unreadable ({e}); running the stage again")
+        return False
+    return True
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from jaxsplit import presets
+    from jaxsplit import io as jio
+    from jaxsplit import patch, presets, report
+    from jaxsplit.search import driver
 
     out = Path(args.out)
     cfg = resolve_config(base=presets.DEMO, config_path=args.config, sets=args.set,
@@ -268,36 +368,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     print(f"jaxsplit demo: {cfg.model.name} (width {cfg.model.width}) on {cfg.data.name}, "
           f"run folder {out}")
+    args.interrupt_hint = ("finished stages are skipped and the search resumes from its last "
+                           f"checkpoint; continue with:\n  {_command(*args.argv)}")
 
     def done(stage: str) -> bool:
-        if (out / STAGE_OUTPUTS[stage]).exists():
+        if stage_done(out, stage):
             print(f"[{stage}] skipped: {out / STAGE_OUTPUTS[stage]} exists")
             return True
-        print(f"[{stage}] running")
+        print(f"[{stage}] running", flush=True)
         return False
 
-    if not done("train"):
-        _train(cfg, out, progress=progress)
-    stages: list[tuple[str, str, str, Callable[[Callable], Any]]] = [
-        ("modularize", "jaxsplit.search.driver", "run_modularize",
-         lambda fn: fn(out, cfg, resume=(out / "modularize" / "search_ckpt").exists(),
-                    progress=progress)),
-        ("patch", "jaxsplit.patch", "run_patch", lambda fn: fn(out, cfg, progress=progress)),
-        ("report", "jaxsplit.report", "write_report", lambda fn: fn(out)),
-    ]
-    for stage, module, name, call in stages:
-        if done(stage):
-            continue
-        try:
-            fn = _stage_function(module, name, stage)
-        except StageUnavailableError as e:
-            print(f"note: {e}; the demo stops here (results so far are in {out})", file=sys.stderr)
-            return EXIT_OK
-        result = call(fn)
-        if stage == "report":
-            print(f"[report] wrote {result}")
-        else:
-            _print_summary(f"[{stage}] done -> {out / stage}", result)
+    with jio.run_lock(out, "jaxsplit demo"):
+        if not done("train"):
+            _train(cfg, out, progress=progress)
+        if not done("modularize"):
+            result = driver.run_modularize(out, cfg, resume=True, progress=progress)
+            _print_summary(f"[modularize] done -> {out / 'modularize'}", result)
+        if not done("patch"):
+            result = patch.run_patch(out, cfg, progress=progress)
+            _print_summary(f"[patch] done -> {out / 'patch'}", result)
+        if not done("report"):
+            print(f"[report] wrote {report.write_report(out)}")
     print(f"jaxsplit demo: done; see {out / 'report.md'}")
     return EXIT_OK
 
@@ -310,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks instead of one-line errors")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (for logs and CI)")
     parser = argparse.ArgumentParser(
         prog="jaxsplit",
         description="Modularize trained CNNs into per-class modules and patch weak models (CNNSplitter in JAX).",
@@ -317,13 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=help,
+                              epilog=EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
     def add_set(p):
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
 
     def add_data_dir(p):
         p.add_argument("--data-dir", default=None, metavar="DIR",
-                       help="where the datasets are (sets data.data_dir)")
+                       help="where the datasets are (sets data.data_dir; must exist)")
 
     def add_run(p, over_config: bool = False):  # --run [--config over the run's config.yaml]
         p.add_argument("--run", required=True, metavar="DIR", help="run folder (runs/NAME)")
@@ -331,64 +429,80 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", default=None, metavar="PATH",
                            help="YAML config over the run's config.yaml")
 
-    def add_no_progress(p):
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    p = sub.add_parser("train", parents=[common], help="train a model into a run folder")
-    p.add_argument("--config", default=None, metavar="PATH", help="YAML config (see configs/)")
+    p = add("train", "train a model into a run folder")
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help=f"YAML config (see configs/); default: the CPU preset {CPU_PRESET}")
     add_set(p)
     p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<name>)")
     add_data_dir(p)
-    add_no_progress(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("modularize", parents=[common], help="search per-class modules of a trained run")
+    p = add("modularize", "search per-class modules of a trained run")
     add_run(p, over_config=True)
     add_set(p)
     add_data_dir(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest search checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the latest search checkpoint, with the settings the "
+                            "search started with (modularize/config.yaml)")
+    again.add_argument("--restart", action="store_true",
+                       help="move an existing modularize/ to modularize.old-<time>/ and start over")
     p.set_defaults(handler=cmd_modularize)
 
-    p = sub.add_parser("patch", parents=[common], help="patch weak models with the run's modules")
+    p = add("patch", "patch weak models with the run's modules")
     add_run(p, over_config=True)
     add_set(p)
     add_data_dir(p)
     p.set_defaults(handler=cmd_patch)
 
-    p = sub.add_parser("report", parents=[common], help="write runs/NAME/report.md")
+    p = add("report", "write runs/NAME/report.md")
     add_run(p)
     p.set_defaults(handler=cmd_report)
 
-    p = sub.add_parser("evaluate", parents=[common], help="accuracy of a run's checkpoint")
+    p = add("evaluate", "accuracy of a run's checkpoint")
     add_run(p)
     p.add_argument("--split", choices=("test", "valid", "train"), default="test")
     p.add_argument("--batch-size", type=int, default=None, help="default: train.eval_batch_size")
     add_data_dir(p)
     p.set_defaults(handler=cmd_evaluate)
 
-    p = sub.add_parser("bench", parents=[common], add_help=False,
-                       help="run benchmarks/bench_evaluator.py (every later argument is passed to it)")
+    p = add("bench", "run the evaluator benchmark (benchmarks/bench_evaluator.py next to the "
+                     "installed package; every later argument is passed to it)")
     p.set_defaults(handler=cmd_bench, bench_args=[])
 
-    p = sub.add_parser("demo", parents=[common],
-                       help="train -> modularize -> patch -> report on the embedded CPU preset")
+    p = add("demo", "train -> modularize -> patch -> report on the embedded CPU preset")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo)")
     p.add_argument("--config", default=None, metavar="PATH", help="YAML config over the preset")
     add_set(p)
     add_data_dir(p)
-    add_no_progress(p)
     p.set_defaults(handler=cmd_demo)
     return parser
 
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, StageUnavailableError)
+# Error types of modules this layer does not own that do not derive from JaxsplitError yet.
+_FOREIGN_USER_ERRORS = (("jaxsplit.report", "ReportError"),
+                        ("jaxsplit.calibration", "CalibrationError"),
+                        ("jaxsplit.compose", "CompositionError"),
+                        ("jaxsplit.models.convnet", "ModelInputError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from jaxsplit.train import TrainingError
+    """jaxsplit's own error types: reported as a message with exit status 2."""
+    errors: list[type[BaseException]] = [JaxsplitError]
+    for module, name in _FOREIGN_USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return tuple(errors)
 
-    return (*_USER_ERRORS, TrainingError)
+
+def _print_error(command: str, err: BaseException) -> None:
+    """`jaxsplit CMD: error: first line`, then the message's other lines as they are."""
+    lines = (str(err).strip() or type(err).__name__).splitlines()
+    print(f"jaxsplit {command}: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,10 +512,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_args: list[str] | None = None
     if "bench" in argv and all(a == "--debug" for a in argv[: argv.index("bench")]):
         # everything after `bench` belongs to the benchmark script (argparse's REMAINDER
-        # cannot take arguments that start with "-")
+        # cannot take arguments that start with "-"), except jaxsplit's own --no-progress
         i = argv.index("bench")
-        argv, bench_args = argv[: i + 1], argv[i + 1:]
+        rest = argv[i + 1:]
+        own = [a for a in rest if a in ("--no-progress", "-h", "--help")]
+        argv, bench_args = argv[: i + 1] + own, [a for a in rest if a not in own]
     args = parser.parse_args(argv)
+    args.argv = argv
     if bench_args is not None:
         args.bench_args = bench_args
     debug = bool(getattr(args, "debug", False))
@@ -410,13 +527,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"jaxsplit {args.command}: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupt_hint", None)
+        print(f"jaxsplit {args.command}: interrupted" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     except _user_errors() as e:
         if debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"jaxsplit {args.command}: error: {message}", file=sys.stderr)
+        _print_error(args.command, e)
         return EXIT_USAGE
 
 

@@ -11,6 +11,7 @@ and ml_collections/hydra would add a dependency for less precise messages.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 import json
 import types
@@ -25,7 +26,7 @@ from jaxsplit.search.config import SearchConfig
 from jaxsplit.patch_config import PatchConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(JaxsplitError, ValueError):
     """A config key, type or value that is not accepted."""
 
 
@@ -219,7 +220,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(
+                f"--set {item!r}: the value {raw!r} is not valid YAML ({first}); quote it for a "
+                f"string, e.g. --set '{key.strip()}=\"{raw}\"'") from e
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -51,6 +51,7 @@ Example (README-ready):
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,7 +70,7 @@ from jaxsplit.models.convnet import (
 )
 
 
-class ExtractError(ValueError):
+class ExtractError(JaxsplitError, ValueError):
     """Params, model or target class that do not fit together."""
 
 

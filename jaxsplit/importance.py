@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet, ConvSpec, activations, convnet_of
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 11))
@@ -63,7 +64,7 @@ MEASURES = ("activation", "block_output")
 Measure = Literal["activation", "block_output"]
 
 
-class ImportanceError(ValueError):
+class ImportanceError(JaxsplitError, ValueError):
     """Inputs of the importance / sensitivity analysis that do not fit together."""
 
 
@@ -336,7 +337,7 @@ def _resolve(model: Any, params: Mapping, graph: Any) -> tuple[Callable, dict, A
     """`(apply_fn, variables, graph, convnet or None)` of a ConvNet or an apply function."""
     convnet = model if isinstance(model, ConvNet) else convnet_of(model)
     if isinstance(model, ConvNet):
-        apply_fn = _convnet_apply(model)
+        apply_fn = inference_apply(model)
     elif callable(model):
         apply_fn = model
     else:
@@ -352,8 +353,10 @@ def _resolve(model: Any, params: Mapping, graph: Any) -> tuple[Callable, dict, A
 
 
 @functools.lru_cache(maxsize=None)
-def _convnet_apply(model: ConvNet) -> Callable:
-    return partial(model.apply, train=False)  # cached: one jit cache entry per model
+def inference_apply(model: ConvNet) -> Callable:
+    """`functools.partial(model.apply, train=False)`, one object per model (cached, so jitted
+    functions that take it as a static argument compile once per model)."""
+    return partial(model.apply, train=False)
 
 
 def _check_images_labels(graph: Any, num_classes: int, images, labels) -> None:

@@ -15,6 +15,7 @@ Two exact ways to run a masked model:
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 
 import chex
@@ -27,7 +28,7 @@ from jaxsplit.models.convnet import ConvSpec
 Mask = dict[str, jax.Array]
 
 
-class MaskError(ValueError):
+class MaskError(JaxsplitError, ValueError):
     """A mask that does not fit the model's conv spec."""
 
 

@@ -13,12 +13,13 @@ dependency of jaxsplit.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from typing import Any, NamedTuple
 
 import numpy as np
 
 
-class MetricsError(ValueError):
+class MetricsError(JaxsplitError, ValueError):
     """Labels, predictions or a confusion matrix that cannot be scored."""
 
 

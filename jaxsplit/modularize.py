@@ -51,7 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsplit import checkpoint as ckpt
 from jaxsplit import importance as imp_lib
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet, ConvSpec, convnet_of
 from jaxsplit.search import core
 from jaxsplit.search.config import SearchConfig
@@ -64,11 +66,11 @@ HEADER_KEY = "__header__"
 MASK_PREFIX = "mask/"
 
 
-class ModularizeError(ValueError):
+class ModularizeError(JaxsplitError, ValueError):
     """Inputs of `modularize` that do not fit together, or a step of a finished search."""
 
 
-class ModulesFileError(ValueError):
+class ModulesFileError(JaxsplitError, ValueError):
     """A modules file that cannot be read for this model (another model, format version)."""
 
 
@@ -109,7 +111,7 @@ def graph_fingerprint(graph: Any) -> str:
 
 def variables_digest(variables: Any) -> str:
     """SHA-256 of every leaf's path, dtype, shape and bytes, in path order."""
-    return core.params_digest(variables)
+    return ckpt.params_digest(variables)
 
 
 def _module_stats(graph: Any, convnet: ConvNet | None, mask: Mapping[str, np.ndarray]) -> dict:
@@ -173,6 +175,7 @@ class ModularizeState:
       sensitivity: `(curves, ratios)` when `search.sensitivity`, else None.
       step_fn: the compiled (or jitted) step.
       compile_time_s: seconds spent compiling the step (None: not compiled ahead).
+      timings: seconds of the init's parts (`importance_s`, `sensitivity_s`).
     """
 
     carry: core.SearchCarry
@@ -193,6 +196,7 @@ class ModularizeState:
     sensitivity: tuple[np.ndarray, tuple[float, ...]] | None
     step_fn: Callable
     compile_time_s: float | None = None
+    timings: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -279,6 +283,8 @@ def modularize_init(key: jax.Array | None, apply_fn: Callable, variables: Mappin
         raise ModularizeError(f"{len(names)} class names for {num_classes} classes")
 
     measure = imp_lib.default_measure(convnet) if measure is None else measure
+    timings = {}
+    t0 = time.perf_counter()
     if importance is None:
         result = imp_lib.kernel_importance(apply_fn, variables, images, labels, graph=graph,
                                            measure=measure,
@@ -287,16 +293,19 @@ def modularize_init(key: jax.Array | None, apply_fn: Callable, variables: Mappin
         zeros = np.zeros(num_classes, np.int64)
         result = imp_lib.ImportanceResult({k: np.asarray(v, np.float32) for k, v in importance.items()},
                                           zeros, zeros, (), ())
+    timings["importance_s"] = time.perf_counter() - t0
     if evaluate_fn is None:
         evaluate_fn = make_evaluator_from_config(convnet if convnet is not None else graph, search,
                                                  masked_fn=masked_apply_of(graph, apply_fn))
     sensitivity, override = None, None
     if search.sensitivity:
+        t0 = time.perf_counter()
         ratios = imp_lib.DEFAULT_RATIOS
         curves = imp_lib.layer_sensitivity(apply_fn, variables, images, labels, result.importance,
                                            ratios, evaluate_fn=evaluate_fn, graph=graph)
         sensitivity = (curves, tuple(ratios))
         override = imp_lib.sensitive_layers(curves, ratios)
+        timings["sensitivity_s"] = time.perf_counter() - t0
     problem, settings = core.build_problem(graph, family, result.importance, search,
                                            sensitive_override=override, evaluate_fn=evaluate_fn)
     base_key = jax.random.key(search.seed) if key is None else key
@@ -310,7 +319,7 @@ def modularize_init(key: jax.Array | None, apply_fn: Callable, variables: Mappin
         variables=_placed(variables, place),
         data=_placed((images, labels, classes), place), class_names=names, importance=result,
         measure=measure, family=family, sensitivity=sensitivity,
-        step_fn=core.make_step(problem))
+        step_fn=core.make_step(problem), timings=timings)
     return compile_state(state) if compile else state
 
 

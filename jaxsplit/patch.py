@@ -55,6 +55,7 @@ plots).
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 import datetime
 import functools
@@ -106,7 +107,7 @@ __all__ = [
 CIFAR100_REFERENCE_CLASSES = (0, 2, 5, 8, 9, 12, 15, 22, 70)  # apple baby bed bicycle bottle bridge camel clock rose
 
 
-class PatchError(ValueError):
+class PatchError(JaxsplitError, ValueError):
     """A patching setting or input that cannot be used."""
 
 
@@ -838,44 +839,97 @@ def train_poor_fit(cfg: Any, task: PatchTask, underfit_epochs: int, workdir: Pat
 # Modules of the strong model.
 
 
-def load_masks(path: Path, model: Any) -> dict[str, np.ndarray]:
-    """``{conv_name: bool (C, K_l)}`` from ``modularize/masks.npz``, checked against ``model``."""
+def load_masks(path: Path, model: Any, params: Any = None) -> dict[str, np.ndarray]:
+    """``{conv_name: bool (C, K_l)}`` from ``modularize/masks.npz``, checked against ``model``.
+
+    The file must hold exactly the model's conv layers, each ``(classes, kernels)`` of dtype bool
+    (or integers that are exactly 0/1), every class keeping >= 1 kernel per layer and tied layers
+    equal. With ``params``, the ``summary.json`` next to it must record this model (its params
+    digest): modules searched on a model that was retrained since are refused.
+
+    Raises:
+      PatchError: naming the file and what is wrong.
+    """
+    import zipfile
+
+    from jaxsplit import masks as masks_lib
+
     path = Path(path)
+    cmd = f"jaxsplit modularize --run {path.parent.parent}"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no module masks at {str(path)!r}; run the modularization first "
-            f"(`jaxsplit modularize --run {path.parent.parent}`)")
-    with np.load(path, allow_pickle=False) as f:
-        masks = {k: np.asarray(f[k]).astype(bool) for k in f.files}
+        raise PatchError(f"no module masks at {str(path)!r}; run the modularization first (`{cmd}`)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            raw = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise PatchError(f"{path}: not a readable masks file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); make it again with "
+                         f"`{cmd} --restart`") from e
     spec = model.conv_spec()
-    if set(masks) != set(spec.names):
-        raise PatchError(f"{path}: mask layers {sorted(masks)} do not match the model's conv layers "
+    if set(raw) != set(spec.names):
+        raise PatchError(f"{path}: mask layers {sorted(raw)} do not match the model's conv layers "
                          f"{list(spec.names)}")
+    masks = {}
     for layer in spec.layers:
-        shape = masks[layer.name].shape
-        if shape != (model.num_classes, layer.num_kernels):
-            raise PatchError(f"{path}: mask {layer.name} has shape {shape}, expected "
+        m = raw[layer.name]
+        if m.shape != (model.num_classes, layer.num_kernels):
+            raise PatchError(f"{path}: mask {layer.name} has shape {m.shape}, expected "
                              f"({model.num_classes}, {layer.num_kernels}) (classes, kernels)")
+        if m.dtype != np.bool_:
+            if not np.issubdtype(m.dtype, np.integer):
+                raise PatchError(f"{path}: mask {layer.name} has dtype {m.dtype}; expected bool "
+                                 f"(or integers 0/1)")
+            bad = np.unique(m[(m != 0) & (m != 1)])
+            if bad.size:
+                raise PatchError(f"{path}: mask {layer.name} holds values {bad[:5].tolist()}; "
+                                 f"expected only 0 and 1 (or bool)")
+            m = m.astype(bool)
+        empty = np.flatnonzero(~m.any(axis=1))
+        if empty.size:
+            raise PatchError(f"{path}: mask {layer.name} keeps no kernel for class {int(empty[0])}; "
+                             f"every layer of a module keeps at least one kernel")
+        masks[layer.name] = m
+    try:
+        masks_lib.validate(masks, spec, (model.num_classes,))
+    except masks_lib.MaskError as e:
+        raise PatchError(f"{path}: {e}") from e
+    if params is not None:
+        check_masks_model(path, params, model.num_classes)
     return masks
+
+
+def check_masks_model(path: Path, params: Any, num_classes: int) -> None:
+    """Refuse module masks whose ``summary.json`` records another model than ``params``."""
+    summary_path = Path(path).parent / "summary.json"
+    cmd = f"jaxsplit modularize --run {Path(path).parent.parent}"
+    if not summary_path.is_file():
+        raise PatchError(f"{summary_path} is missing, so the search that wrote {path} did not "
+                         f"finish; finish it with `{cmd} --resume`")
+    try:
+        summary = json.loads(summary_path.read_text())
+        source = summary.get("source_model")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PatchError(f"{summary_path} is unreadable ({type(e).__name__}); make it again "
+                         f"with `{cmd} --resume`") from e
+    if not isinstance(source, dict) or "params_sha256" not in source:
+        raise PatchError(f"{summary_path} does not record the model its modules come from (an "
+                         f"older jaxsplit wrote it); search again with `{cmd} --restart`")
+    digest = checkpoint.params_digest(params)
+    if source["params_sha256"] != digest:
+        raise PatchError(
+            f"the modules in {path} were searched on another model (params digest "
+            f"{source['params_sha256'][:12]}) than the run's checkpoint now holds ({digest[:12]}): "
+            f"the model was retrained after modularize; search again with `{cmd} --restart`")
+    if len(source.get("class_ids", ())) != num_classes:
+        raise PatchError(f"{summary_path} records classes {source.get('class_ids')}, but the model "
+                         f"has {num_classes}; search again with `{cmd} --restart`")
 
 
 def _module_stats(model: Any, params: Any, mask: dict[str, np.ndarray]) -> dict:
     """Kept kernels / params / MACs of a module as fractions of the model."""
     from jaxsplit import extract
 
-    stats = None
-    for name in ("module_stats", "stats_from_mask"):
-        fn = getattr(extract, name, None)
-        if fn is not None:
-            try:
-                stats = fn(model, params, mask) if name == "module_stats" else fn(model, mask)
-                break
-            except TypeError:
-                continue
-    if stats is None:
-        from jaxsplit.search.driver import module_stats_fallback
-
-        stats = module_stats_fallback(model, mask)
+    stats = extract.module_stats(model, params, mask)
     return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v)
             for k, v in dict(stats).items() if _is_json_scalar(v)}
 
@@ -1009,7 +1063,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
     run_dir = Path(run_dir)
     pcfg = cfg.patch
     model, params, strong_cfg, strong_metrics = checkpoint.load_model(run_dir)
-    masks = load_masks(run_dir / "modularize" / "masks.npz", model)
+    masks = load_masks(run_dir / "modularize" / "masks.npz", model, params=params)
     data_cfg = strong_cfg.data
     if cfg.data.data_dir is not None:
         data_cfg = dataclasses.replace(data_cfg, data_dir=cfg.data.data_dir)
@@ -1026,15 +1080,24 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
     calibrations = list(pcfg.calibrations)
     whole_predict = {}
     per_tc: dict[str, dict] = {}
-    for tc in target_classes:
+    for i, tc in enumerate(target_classes):
         lc = local[tc]
         task = make_task(tc)
+        names = strong_valid.class_names
+        label = f"target class {tc} ({names[lc]})" if names else f"target class {tc}"
+        if verbose:
+            print(f"[patch {i + 1}/{len(target_classes)}] {label}: weak model in "
+                  f"{out_dir / f'weak_tc{tc}'}", flush=True)
         tc_valid = strong_valid.images[strong_valid.labels == lc]
         if len(tc_valid) == 0:
             raise PatchError(f"the strong model's valid split has no image of target class {tc}")
         wcfg = weak_config(strong_cfg, pcfg, task)
         weak_model, weak_params, weak_metrics, reused = train_weak(wcfg, task, out_dir / f"weak_tc{tc}",
                                                                    progress=progress)
+        if verbose:
+            print(f"  {'reused the cached' if reused else 'trained the'} weak model "
+                  f"(test accuracy {weak_metrics.get('test_accuracy', float('nan')):.4f}); "
+                  f"evaluating the patches of {label}", flush=True)
         small_model, small_params, stats = tc_module(model, params, masks, lc)
         module_predict = _column_predict(small_model, small_params, lc, batch_size)
         whole_predict = _column_predict(model, params, lc, batch_size)
@@ -1099,7 +1162,9 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
                    "module_patch": {c: average_metrics([r["poor_fit"][kind]["module_patch"][c]
                                                         for r in per_tc.values()]) for c in calibrations}}
             for kind in ("underfit", "overfit")}
-    (out_dir / "patch_results.json").write_text(json.dumps(results, indent=2))
+    from jaxsplit.io import atomic_write_json
+
+    atomic_write_json(out_dir / "patch_results.json", results)
     if plots:
         plot_results(results, out_dir)
     if verbose:

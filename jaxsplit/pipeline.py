@@ -55,8 +55,12 @@ def load_splits(
     """
     if not isinstance(data_cfg, DataConfig):
         raise TypeError(f"data_cfg must be a DataConfig, got {type(data_cfg).__name__}")
+    provenance = {split: jdata.describe(data_cfg.source, data_cfg.name, split, data_cfg.data_dir)
+                  for split in ("train", "test")}
     train = jdata.load(data_cfg.source, data_cfg.name, "train", data_cfg.data_dir)
     test = jdata.load(data_cfg.source, data_cfg.name, "test", data_cfg.data_dir)
+    for split, ds in (("train", train), ("test", test)):
+        check_finite(ds, split, provenance[split])
     if data_cfg.classes is not None:
         for c in data_cfg.classes:
             if not 0 <= c < train.num_classes:
@@ -84,8 +88,35 @@ def load_splits(
         "mean": np.asarray(stats["mean"]).tolist(),
         "std": np.asarray(stats["std"]).tolist(),
         "normalization": stats["normalization"],
+        "data": data_record(provenance),
     }
     return train, valid, test, stats
+
+
+def data_record(provenance: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The `data` entry of a run's metrics.json: the resolved source and, per split, its files
+    (absolute path, sha256, size) as `jaxsplit.data.describe` reports them."""
+    first = next(iter(provenance.values()))
+    return {"source": first["source"], "name": first["name"],
+            "splits": {split: {k: v for k, v in p.items() if k not in ("source", "name", "split")}
+                       for split, p in provenance.items()}}
+
+
+def check_finite(ds: jdata.Dataset, split: str, provenance: dict[str, Any] | None = None) -> None:
+    """Refuse images holding NaN or Inf (they would be scored silently or break training).
+
+    Raises:
+      DataError: naming the split, the first bad image's index in it (and the file).
+    """
+    bad = ~np.isfinite(ds.images.reshape(len(ds), -1)).all(axis=1)
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        files = [f["path"] for f in (provenance or {}).get("files", [])]
+        where = f" ({files[0]})" if files else ""
+        shown = ", ".join(str(i) for i in idx[:5]) + (", ..." if len(idx) > 5 else "")
+        raise jdata.DataError(
+            f"the {split} split{where} has {len(idx)} image(s) with NaN or Inf values, at index "
+            f"{shown}; fix or remove them (images must be finite)")
 
 
 def prepare_data(data_cfg: DataConfig) -> tuple[jdata.Dataset, jdata.Dataset, jdata.Dataset]:
@@ -140,3 +171,100 @@ def model_description(model_cfg: ModelConfig, model: ConvNet) -> dict[str, Any]:
         "in_channels": model.in_channels,
         "image_size": model.image_size,
     }
+
+
+# -- run-time estimates ---------------------------------------------------------------------------
+
+# Conservative CPU throughputs per core, in multiply-accumulates per second, about half of what
+# the development machine measured (2 x86_64 cores, jax CPU; README "Results"): training
+# (forward + backward = 3x the forward MACs) ran at ~1.5e10 MACs/s/core; the "fast" search
+# evaluator at ~6.6e10 full-model MACs/s/core (it skips dropped kernels and caches shared
+# layers); the "reference" evaluator is ~7x slower than "fast" on CPU.
+TRAIN_MACS_PER_S_PER_CORE = 5e9
+SEARCH_MACS_PER_S_PER_CORE = {"fast": 2.5e10, "auto": 2.5e10, "reference": 3e9}
+ESTIMATE_THRESHOLD_S = 15 * 60  # stages expected to take longer print an estimate first
+# (train images, channels, classes) of the datasets whose sizes are known without loading them
+KNOWN_DATASETS = {"fashion_mnist": (60_000, 1, 10), "mnist": (60_000, 1, 10),
+                  "cifar10": (50_000, 3, 10), "cifar100": (50_000, 3, 100),
+                  "svhn_cropped": (73_257, 3, 10), "synthetic": (1_000, 1, 10),
+                  "synthetic_rgb": (1_000, 3, 10)}
+
+
+def _cpu_cores() -> int | None:
+    import os
+
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return None  # no measured accelerator throughput: no estimate
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def format_duration(seconds: float) -> str:
+    """`95 s`, `12 min`, `3 h 20 min`."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
+                   cores: int | None = None) -> str | None:
+    """A one-line time estimate of `jaxsplit train` with `cfg` on this CPU, or None when it is
+    below `threshold_s`, the dataset's size is unknown, or JAX does not run on the CPU.
+
+    MACs/image (forward) x 3 (forward + backward) x train images x epochs, at
+    `TRAIN_MACS_PER_S_PER_CORE` per core.
+    """
+    from jaxsplit.models.convnet import conv_macs, head_macs
+
+    known = KNOWN_DATASETS.get(cfg.data.name)
+    cores = cores if cores is not None else _cpu_cores()
+    if known is None or cores is None:
+        return None
+    num_train, channels, num_classes = known
+    if cfg.data.classes is not None:
+        num_train = num_train * len(cfg.data.classes) // num_classes
+        num_classes = len(cfg.data.classes)
+    if cfg.data.train_limit is not None:
+        num_train = min(num_train, cfg.data.train_limit)
+    num_train = int(num_train * (1 - cfg.data.valid_fraction))
+    model = build_model(cfg.model, num_classes, channels, cfg.data.image_size)
+    macs = conv_macs(model) + head_macs(model)
+    rate = TRAIN_MACS_PER_S_PER_CORE * cores
+    seconds = 3 * macs * num_train * cfg.train.epochs / rate
+    if seconds < threshold_s:
+        return None
+    return (f"estimate: training takes about {format_duration(seconds)} on {cores} CPU core(s) "
+            f"({format_duration(seconds / cfg.train.epochs)} per epoch: {macs / 1e6:,.1f} M "
+            f"MACs/image x 3 (forward + backward) x {num_train:,} images x {cfg.train.epochs} "
+            f"epochs at a conservative {rate:.1e} MACs/s); Ctrl-C stops it")
+
+
+def search_estimate(model: ConvNet, num_classes: int, population_size: int, num_images: int,
+                    num_populations: int, backend: str = "fast",
+                    threshold_s: float = ESTIMATE_THRESHOLD_S, cores: int | None = None) -> str | None:
+    """A one-line time estimate of a modularization search, or None (below `threshold_s`, or JAX
+    not on the CPU).
+
+    Classes x (population + 1) x images x populations x full-model MACs/image, at
+    `SEARCH_MACS_PER_S_PER_CORE[backend]` per core.
+    """
+    from jaxsplit.models.convnet import conv_macs, head_macs
+
+    cores = cores if cores is not None else _cpu_cores()
+    if cores is None or num_populations <= 0:
+        return None
+    macs = conv_macs(model) + head_macs(model)
+    rate = SEARCH_MACS_PER_S_PER_CORE.get(backend, SEARCH_MACS_PER_S_PER_CORE["reference"]) * cores
+    seconds = num_classes * (population_size + 1) * num_images * num_populations * macs / rate
+    if seconds < threshold_s:
+        return None
+    return (f"estimate: the search takes about {format_duration(seconds)} on {cores} CPU core(s) "
+            f"({num_classes} classes x {population_size + 1} modules x {num_images:,} images x "
+            f"{num_populations} generations x {macs / 1e6:,.1f} M MACs/image at a conservative "
+            f"{rate:.1e} MACs/s, evaluator {backend!r}); Ctrl-C stops it, `--resume` continues")

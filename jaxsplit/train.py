@@ -22,6 +22,7 @@ Axes: N examples, B batch, H/W spatial, C image channels, K classes.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import datetime
 import functools
 import json
@@ -72,7 +73,7 @@ STEP_DECAY_EPOCH_FRACTIONS = (0.3, 0.6)
 STEP_DECAY_FACTOR = 0.1
 
 
-class TrainingError(RuntimeError):
+class TrainingError(JaxsplitError, RuntimeError):
     """Training failed (e.g. the loss became NaN)."""
 
 
@@ -415,7 +416,9 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
         ckpt_dir = checkpoint.checkpoint_path(workdir)
         if ckpt_dir.exists() and not overwrite:
             raise checkpoint.CheckpointExistsError(
-                f"{str(ckpt_dir)!r} already exists; choose another run folder or overwrite it"
+                f"{str(ckpt_dir)!r} already exists; choose another run folder (--out) or replace "
+                f"it with `jaxsplit train --overwrite` (modules searched on the old model are then "
+                f"refused by patch until you run `jaxsplit modularize --restart`)"
             )
     t_start = time.perf_counter()
     stats = None
@@ -485,6 +488,7 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
     train_time = time.perf_counter() - t_train
     params = best["params"]
     test_m = evaluate(model, params, test_ds, tcfg.eval_batch_size)
+    data_record = stats.pop("data", None) if stats else None
     metrics = _json_ready({
         "test_accuracy": test_m["accuracy"],
         "test_loss": test_m["loss"],
@@ -503,6 +507,7 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
         "num_classes": train_ds.num_classes,
         "class_names": list(train_ds.class_names) if train_ds.class_names else None,
         "normalization": stats,
+        "data": data_record,
         "model": pipeline.model_description(cfg.model, model),
         "machine": machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -518,7 +523,7 @@ def train_and_evaluate(cfg: jconfig.Config, workdir: str | os.PathLike | None = 
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temporary sibling, then renames it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Writes `text` to a temporary sibling, fsyncs it, then renames it over `path`."""
+    from jaxsplit.io import atomic_write_text
+
+    atomic_write_text(path, text)

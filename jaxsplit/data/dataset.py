@@ -14,6 +14,7 @@ said so), K classes kept.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
@@ -47,7 +48,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 Normalization = Literal["dataset", "imagenet", "none"]
 
 
-class DataError(ValueError):
+class DataError(JaxsplitError, ValueError):
     """Bad or inconsistent data (corrupt file, wrong shape, label out of range, ...)."""
 
 

@@ -242,11 +242,11 @@ def find_idx_files(
 
 def _check_name_split(name: str, split: str) -> None:
     if name not in IDX_DATASETS:
-        raise ValueError(
+        raise DataError(
             f"unknown IDX dataset {name!r}; expected one of {sorted(IDX_DATASETS)}"
         )
     if split not in _SPLIT_PREFIX:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_PREFIX)}")
+        raise DataError(f"unknown split {split!r}; expected one of {sorted(_SPLIT_PREFIX)}")
 
 
 def load_idx_dataset(

@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxsplit.data.dataset import DataError, DataNotFoundError, Dataset, as_rng
-from jaxsplit.data.idx import DATA_DIR_ENV, IDX_DATASETS, load_idx_dataset
+from jaxsplit.data.idx import DATA_DIR_ENV, IDX_DATASETS, find_idx_files, load_idx_dataset
 
 __all__ = [
     "CIFAR10_CLASS_NAMES",
@@ -121,7 +123,7 @@ def load_tfds(
       ImportError: tensorflow_datasets is not installed (says how to install it).
     """
     if name not in TFDS_DATASETS:
-        raise ValueError(f"unknown TFDS dataset {name!r}; expected one of {sorted(TFDS_DATASETS)}")
+        raise DataError(f"unknown TFDS dataset {name!r}; expected one of {sorted(TFDS_DATASETS)}")
     tfds = _import_tfds()
     num_classes, names = TFDS_DATASETS[name]
     (images, labels), info = tfds.load(
@@ -154,25 +156,33 @@ def load_npz(path: str | os.PathLike) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"npz file not found: {path}")
-    with np.load(path, allow_pickle=False) as data:
-        for key in ("images", "labels"):
-            if key not in data.files:
-                raise DataError(
-                    f"{path}: missing key {key!r}; found keys {sorted(data.files)}, expected "
-                    f"'images' and 'labels' (and optionally 'class_names', 'num_classes')"
-                )
-        images = data["images"]
-        labels = data["labels"]
-        names = tuple(str(n) for n in data["class_names"]) if "class_names" in data.files else None
-        num_classes = int(data["num_classes"]) if "num_classes" in data.files else None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in ("images", "labels"):
+                if key not in data.files:
+                    raise DataError(
+                        f"{path}: missing key {key!r}; found keys {sorted(data.files)}, expected "
+                        f"'images' and 'labels' (and optionally 'class_names', 'num_classes')"
+                    )
+            images = data["images"]
+            labels = data["labels"]
+            names = (tuple(str(n) for n in data["class_names"])
+                     if "class_names" in data.files else None)
+            num_classes = int(data["num_classes"]) if "num_classes" in data.files else None
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, TypeError, zipfile.BadZipFile) as err:
+        # a truncated or non-npz file, pickled arrays, a non-integer num_classes
+        raise DataError(f"{path}: not a readable .npz dataset ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from err
     if images.ndim not in (3, 4):
         raise DataError(
             f"{path}: 'images' should have shape (N, H, W, C) or (N, H, W), got {images.shape}"
         )
     try:
         return Dataset.from_arrays(images, labels, num_classes=num_classes, class_names=names)
-    except (DataError, TypeError) as err:
-        raise type(err)(f"{path}: {err}") from err
+    except (ValueError, TypeError) as err:  # wrong dtypes, label range: the file's fault
+        raise DataError(f"{path}: {err}") from err
 
 
 def save_npz(ds: Dataset, path: str | os.PathLike) -> None:
@@ -251,11 +261,11 @@ _SYNTHETIC_SPLITS = {"train": (0, 100), "test": (1, 20)}  # split -> (seed, num_
 def _load_synthetic(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     del data_dir
     if name not in SYNTHETIC_PRESETS:
-        raise ValueError(
+        raise DataError(
             f"unknown synthetic dataset {name!r}; expected one of {sorted(SYNTHETIC_PRESETS)}"
         )
     if split not in _SYNTHETIC_SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(_SYNTHETIC_SPLITS)}")
+        raise DataError(f"unknown split {split!r}; expected one of {sorted(_SYNTHETIC_SPLITS)}")
     seed, num_per_class = _SYNTHETIC_SPLITS[split]
     return synthetic(seed, num_per_class=num_per_class, **SYNTHETIC_PRESETS[name])
 
@@ -314,6 +324,69 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 
+def check_data_dir(source: str, data_dir: str | os.PathLike | None) -> None:
+    """A given `data_dir` must be an existing directory (TFDS creates its own, so not for it).
+
+    Without this check a mistyped `--data-dir` would be skipped and the next place in the search
+    order (``$JAXSPLIT_DATA_DIR``, ``/usr/share/datasets``) used instead.
+    """
+    if data_dir is None or source == "tfds":
+        return
+    path = Path(data_dir)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise DataNotFoundError(
+            f"data directory {str(data_dir)!r} (data.data_dir / --data-dir) {what}; pass the "
+            f"directory that holds the dataset files")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe(source: str, name: str, split: str,
+             data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Where :func:`load` reads ``split`` from: the source it resolves to and its files.
+
+    Uses the same resolution as :func:`load` (``auto``: synthetic preset, ``.npz`` path, IDX files
+    found by :func:`find_idx_files`, else TFDS).
+
+    Returns:
+      JSON-ready ``{"source", "name", "split", "files": [{"path", "sha256", "bytes"}]}`` (no
+      files for ``synthetic``; ``tfds`` adds ``data_dir``).
+    """
+    check_data_dir(source, data_dir)
+    resolved = source
+    files: list[Path] = []
+    if source == "auto":
+        if name in SYNTHETIC_PRESETS:
+            resolved = "synthetic"
+        elif ".npz" in name:
+            resolved = "npz"
+        elif name in IDX_DATASETS:
+            try:
+                find_idx_files(name, split, data_dir)
+                resolved = "idx"
+            except DataNotFoundError:
+                resolved = "tfds"
+        else:
+            resolved = "tfds"
+    if resolved == "idx":
+        files = list(find_idx_files(name, split, data_dir))
+    elif resolved == "npz":
+        files = [_npz_path(name, split, data_dir)]
+    out: dict[str, Any] = {"source": resolved, "name": name, "split": split,
+                           "files": [{"path": str(p.resolve()), "sha256": _sha256(p),
+                                      "bytes": p.stat().st_size} for p in files]}
+    if resolved == "tfds":
+        out["data_dir"] = None if data_dir is None else str(data_dir)
+    return out
+
+
 def load(
     source: str, name: str, split: str, data_dir: str | os.PathLike | None = None
 ) -> Dataset:
@@ -331,5 +404,6 @@ def load(
       The dataset.
     """
     if source not in SOURCES:
-        raise ValueError(f"unknown data source {source!r}; expected one of {sorted(SOURCES)}")
+        raise DataError(f"unknown data source {source!r}; expected one of {sorted(SOURCES)}")
+    check_data_dir(source, data_dir)
     return SOURCES[source](name, split, data_dir)

@@ -24,6 +24,7 @@ This module imports torch; `jaxsplit.interop` itself does not (install the `torc
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 import dataclasses
 import os
 import re
@@ -38,7 +39,7 @@ from jaxsplit.interop.torch_models import STYLES, default_style
 from jaxsplit.models.convnet import ConvNet
 
 
-class StateDictError(ValueError):
+class StateDictError(JaxsplitError, ValueError):
     """A state_dict (or params tree) that does not fit the model, or an unreadable file."""
 
 

@@ -6,6 +6,9 @@ import dataclasses
 from typing import Literal
 
 
+MAX_POPULATION_SIZE = 100_000  # far above any useful search; the driver also checks memory
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         from jaxsplit.config import ConfigError  # late import: config imports this module
@@ -68,6 +71,9 @@ class SearchConfig:
 
     def __post_init__(self):
         _check(self.population_size >= 2, "search.population_size", f"must be >= 2, got {self.population_size}")
+        _check(self.population_size <= MAX_POPULATION_SIZE, "search.population_size",
+               f"must be <= {MAX_POPULATION_SIZE:,} (the reference uses 100; every generation "
+               f"evaluates classes x population x images module outputs), got {self.population_size:,}")
         _check(self.num_generations >= 1, "search.num_generations", f"must be >= 1, got {self.num_generations}")
         _check(2 <= self.parents_mating <= self.population_size, "search.num_parents_mating",
                f"must be in [2, population_size={self.population_size}], got {self.num_parents_mating}")

@@ -24,7 +24,6 @@ population `initial_keys(base_key)`, never Python state.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -35,6 +34,7 @@ import numpy as np
 from flax import struct
 
 from jaxsplit import importance as imp_lib
+from jaxsplit.errors import JaxsplitError
 from jaxsplit import masks as masks_lib
 from jaxsplit.models.convnet import ConvNet
 from jaxsplit.search import encoding as enc_lib
@@ -46,7 +46,7 @@ from jaxsplit.search.strategies import BinaryStrategy, make_strategy
 INIT_STREAM = 2**31 - 1  # fold_in index of the initial-population keys (generations use 0, 1, ...)
 
 
-class SearchError(ValueError):
+class SearchError(JaxsplitError, ValueError):
     """A search that cannot start or continue (bad inputs, existing results)."""
 
 
@@ -393,17 +393,3 @@ def _to_host(metrics: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = a.astype(float).tolist()
     return out
-
-
-
-
-def params_digest(params: Any) -> str:
-    """SHA-256 of every param leaf's bytes, in path order."""
-    h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
-                             key=lambda kv: jax.tree_util.keystr(kv[0])):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(str(arr.dtype).encode() + repr(arr.shape).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()

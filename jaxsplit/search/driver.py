@@ -1,19 +1,14 @@
 """The modularization search driver: importance -> encoding -> GA loop -> modules (docs/method.md §3-6).
 
-`run_modularize(run_dir, cfg)` is the I/O edge. The core is the pure
-`search_step(problem, carry, key, params, images, labels, classes)`: decode
-the population (plus the hall-of-fame ensemble as individual P of every
-class), evaluate the logit table, score it with the cooperative fitness, tell
-the strategy, ask the next population. `make_step(problem)` jit-compiles it
-once (or, for a host-side evaluator such as the "fast" backend, jit-compiles
-the parts before and after the evaluator); the Python loop only feeds it
-keys and does I/O.
-
-Generations: generation g evaluates population g (population 0 is the
-heuristic initial one) and produces population g+1. As in the reference's
-`GA.run` (which evaluates the final population after its last update), a
-search of `num_generations` evaluates generations 0..num_generations, i.e.
-`num_generations + 1` populations, unless early stopping ends it first.
+`run_modularize(run_dir, cfg)` is the I/O edge over the library
+(`jaxsplit.modularize`): it loads the run's model and variables, calls
+`modularize_init` (importance, encoding, evaluator, initial population) and
+`modularize_step` once per generation, and adds the run folder, checkpoints,
+resume, progress bar, plots and summary. The pure search core lives in
+`search.core` (re-exported here): `search_step`, `make_step`, `init_carry`,
+`build_problem`, ... (generation g evaluates population g; a search of
+`num_generations` evaluates `num_generations + 1` populations unless early
+stopping ends it first).
 
 Reproducibility: generation g uses the key `fold_in(key(search.seed), g)`,
 never Python state, so a run killed at any point and resumed from its last
@@ -28,8 +23,16 @@ is deleted).
 
 Outputs in `run_dir/modularize/`: `importance.npz`, `masks.npz` (the best
 ensemble's mask per class: arrays named by conv layer, leading C axis),
+`modules.npz` (the same masks as a `jaxsplit.Modules` file: versioned, with
+the graph fingerprint, `Modules.load(path, graph)`),
 `history.json`, `curves.png`, `summary.json` (+ `sensitivity.npz/png` when
-`search.sensitivity`). Files that already exist are never overwritten.
+`search.sensitivity`), `config.yaml` (the resolved config the search started with, which
+`jaxsplit modularize --resume` reads, so overrides need no retyping). `summary.json`'s
+`source_model` records the model the modules come from (params digest, config, class ids);
+`jaxsplit patch` refuses modules of a model that was retrained since. Every file is written
+atomically (`jaxsplit.io`); files that already exist (and parse) are never overwritten. The run
+folder is locked (`jaxsplit.io.run_lock`) while a search writes it; `restart=True` first moves
+an old `modularize/` aside to `modularize.old-<UTC time>/` (never deleted).
 
 Which ensemble is "best": the one with the highest valid fitness
 `alpha·acc + (1 - alpha)·diff` over all generations (the quantity that
@@ -40,7 +43,7 @@ under the current acc_ratio (docs/method.md §6).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import datetime
 import json
 import math
 import os
@@ -52,30 +55,51 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxsplit import checkpoint as ckpt
 from jaxsplit import importance as imp_lib
-from jaxsplit import masks as masks_lib
-from jaxsplit.models.convnet import ConvNet, conv_macs, count_params, head_macs
-from jaxsplit.search import encoding as enc_lib
-from jaxsplit.search import fitness as fit_lib
-from jaxsplit.search.evaluate import make_evaluator_from_config
+from jaxsplit import io as jio
+from jaxsplit import modularize as modz
+from jaxsplit.modularize import compile_state, modularize_init, modularize_step
+from jaxsplit.search.core import (  # noqa: F401  (the pure core; re-exported for callers)
+    INIT_STREAM,
+    HostEvaluatedStep,
+    ResumeError,
+    SearchCarry,
+    SearchError,
+    SearchProblem,
+    _strong,
+    _to_host,
+    build_problem,
+    compile_step,
+    decode_population,
+    final_accuracies,
+    generation_key,
+    init_carry,
+    initial_keys,
+    initial_population,
+    make_step,
+    score_and_update,
+    search_step,
+)
 from jaxsplit.search.sharding import input_placement
-from jaxsplit.search.strategies import BinaryStrategy, make_strategy
 
 MODULARIZE_DIRNAME = "modularize"
 CKPT_DIRNAME = "search_ckpt"
 CKPT_PREFIX = "gen_"
 KEEP_CHECKPOINTS = 2
 FINGERPRINT_EXCLUDED = ("checkpoint_every", "eval_cache_mib")  # cannot change the result
-TIME_KEYS = ("time_s",)
-INIT_STREAM = 2**31 - 1  # fold_in index of the initial-population keys (generations use 0, 1, ...)  # history fields that differ between identical runs
+OUTPUT_FILES = ("masks.npz", "history.json", "summary.json")  # the results of a search
+CONFIG_FILE = "config.yaml"  # the resolved config a search started with (`--resume` reads it)
+TIME_KEYS = ("time_s",)  # history fields that differ between identical runs
+MODULES_FILE = "modules.npz"  # the `jaxsplit.Modules` file of the best ensemble
 
 
 # -- fingerprint, checkpoints -------------------------------------------------
+
+
+params_digest = ckpt.params_digest  # SHA-256 of every param leaf's bytes, in path order
 
 
 def fingerprint(cfg, model_description: Mapping[str, Any], params: Any) -> dict[str, Any]:
@@ -148,7 +172,7 @@ def save_search_checkpoint(ckpt_root: Path, done: int, carry: SearchCarry, base_
 
 def _unreadable(path: Path, err: Exception) -> ResumeError:
     return ResumeError(f"cannot resume from {str(path)!r}: {err}. Delete this checkpoint to resume from an "
-                       f"earlier one (or start a new run without resume)")
+                       f"earlier one, or start over with `jaxsplit modularize --restart`")
 
 
 def _check_fingerprint(path: Path, meta: Mapping[str, Any], current_fp: Mapping[str, Any]) -> None:
@@ -156,7 +180,9 @@ def _check_fingerprint(path: Path, meta: Mapping[str, Any], current_fp: Mapping[
     if diffs:
         raise ResumeError(
             f"refusing to resume from {str(path)!r}: it was made with a different "
-            + "; ".join(diffs) + ". Resume with the same config and model, or start a new run")
+            + "; ".join(diffs) + ". Resume with the same config and model (the settings it "
+            f"started with are in {MODULARIZE_DIRNAME}/{CONFIG_FILE}), or start over with "
+            "`jaxsplit modularize --restart`")
 
 
 def check_resumable(path: Path, current_fp: Mapping[str, Any]) -> dict:
@@ -197,68 +223,79 @@ def load_search_checkpoint(path: Path, template: Any, base_key: jax.Array,
 # -- host helpers -------------------------------------------------------------
 
 
-def _write_new(path: Path, write: Callable[[Path], None]) -> bool:
-    """Write `path` atomically unless it exists. Returns whether it was written."""
-    if path.exists():
+def _readable(path: Path) -> bool:
+    """Whether an existing result file parses (a file left empty by a full disk does not)."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                for k in f.files:
+                    f[k]
+        return True
+    except (OSError, ValueError, EOFError) as e:
+        print(f"warning: {path} is unreadable ({type(e).__name__}); writing it again")
         return False
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+
+
+def _write_new(path: Path, write: Callable[[Any], None]) -> bool:
+    """Write `path` atomically (`jaxsplit.io`) unless a readable one exists. Returns whether it
+    was written."""
+    if path.exists() and _readable(path):
+        return False
+    jio.atomic_write_with(path, write)
     return True
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> bool:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-    return _write_new(path, write)
+    return _write_new(path, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
 
 
 def _save_json(path: Path, obj: Any) -> bool:
-    return _write_new(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+    text = json.dumps(obj, indent=2) + "\n"
+    return _write_new(path, lambda f: f.write(text.encode()))
 
 
-def module_stats_fallback(model: ConvNet, mask: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Kept kernels / params / MACs of one module as fractions of the model.
+def _yaml_dump(obj: Any) -> str:
+    import yaml
 
-    Counts the conv layers' kept kernels (inputs follow the previous layer's
-    kept kernels, residual ties are equal) and the first Dense layer's input
-    columns; the rest of the head is whole (docs/method.md §7). Used when
-    `jaxsplit.extract` is not available.
+    return yaml.safe_dump(obj, sort_keys=False)
+
+
+def source_model_record(run_dir: Path, params_sha256: str, train_cfg, classes: np.ndarray,
+                        class_names: list[str]) -> dict[str, Any]:
+    """Which model a search's modules come from: `summary.json["source_model"]`."""
+    from jaxsplit import config as jconfig
+
+    return {"checkpoint": str(ckpt.checkpoint_path(run_dir)), "params_sha256": params_sha256,
+            "config": jconfig.to_dict(train_cfg), "class_ids": [int(c) for c in classes],
+            "class_names": list(class_names)}
+
+
+def check_search_memory(num_classes: int, population_size: int, num_images: int,
+                        total_kernels: int, available: int | None = None) -> None:
+    """Refuse a search whose per-generation arrays cannot fit in memory.
+
+    Each generation holds the logit table `(C, P + 1, N)` float32 and the masks
+    `(C, P + 1, K)`, and the fitness works on copies of the table: this counts 3x the table
+    plus the masks against half of the machine's physical memory.
+
+    Raises:
+      SearchError: naming population_size / num_valid and the sizes.
     """
-    spec = model.conv_spec()
-    kept = {l.name: int(np.asarray(mask[l.name]).sum()) for l in spec.layers}
-    widths = model.head_widths()
-    full_params, mod_params = 0, 0
-    prev_full, prev_kept = spec.image_shape[2], spec.image_shape[2]
-    for layer in spec.layers:
-        full_params += 9 * prev_full * layer.num_kernels + layer.num_kernels
-        mod_params += 9 * prev_kept * kept[layer.name] + kept[layer.name]
-        prev_full, prev_kept = layer.num_kernels, kept[layer.name]
-    hw = spec.head_in_hw[0] * spec.head_in_hw[1]
-    first_in = hw * prev_kept
-    head_full = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
-    head_mod = head_full - (widths[0] - first_in) * widths[1]
-    full_macs = conv_macs(model) + head_macs(model)
-    mod_macs = conv_macs(model, kept) + head_macs(model, last_kept=prev_kept)
-    return {"kept_kernels": sum(kept.values()), "kept_fraction": sum(kept.values()) / spec.total_kernels,
-            "params_fraction": (mod_params + head_mod) / (full_params + head_full),
-            "macs_fraction": mod_macs / full_macs}
-
-
-def _module_stats(model: ConvNet, params: Any, mask: Mapping[str, np.ndarray]) -> tuple[dict, str]:
-    """Per-module stats from `jaxsplit.extract` when present, else `module_stats_fallback`."""
-    try:
-        from jaxsplit import extract  # written by another part of the project
-    except ImportError:
-        extract = None
-    if extract is not None and hasattr(extract, "stats_from_mask"):
+    rows = num_classes * (population_size + 1)
+    need = 3 * rows * num_images * 4 + rows * total_kernels * 4
+    if available is None:
         try:
-            stats = extract.stats_from_mask(model, mask)
-            return dict(stats), "jaxsplit.extract.stats_from_mask"
-        except Exception:  # an incompatible/unfinished extract module: fall back, stated in summary
-            pass
-    return module_stats_fallback(model, mask), "jaxsplit.search.driver.module_stats_fallback"
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+    if need > available // 2:
+        raise SearchError(
+            f"search.population_size={population_size:,} with {num_images:,} images "
+            f"(search.num_valid) and {num_classes} classes needs about {need / 2**30:,.1f} GiB per "
+            f"generation, more than half of this machine's {available / 2**30:,.1f} GiB; lower "
+            f"search.population_size or search.num_valid")
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
@@ -288,16 +325,15 @@ def _plot_history(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    jio.atomic_write_with(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # -- the driver ---------------------------------------------------------------
 
 
-def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, progress: bool = True,
+def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, restart: bool = False,
+                   progress: bool = True,
                    data: tuple | None = None, evaluate_fn: Callable | None = None,
                    on_checkpoint: Callable[[int], None] | None = None) -> dict:
     """Search per-class modules of the model trained in `run_dir` (docs/method.md §3-6).
@@ -307,8 +343,11 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
       cfg: the run's `Config` (its `data` and `search` sections are used; the
         model comes from the checkpoint).
       resume: continue from the latest checkpoint in `modularize/search_ckpt`
-        (starts fresh when there is none). Without it, an existing search
+        (starts fresh when there is neither a checkpoint nor a result; results
+        without a checkpoint are an error). Without it, an existing search
         checkpoint or result is an error.
+      restart: move an existing `modularize/` aside (`modularize.old-<time>/`)
+        and search from scratch.
       progress: show a tqdm bar per generation.
       data: `(train, valid, test)` datasets instead of `prepare_data(cfg.data)`.
       evaluate_fn: an `Evaluator` instead of `make_evaluator_from_config`.
@@ -319,19 +358,55 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
       the summary dict (also written to `modularize/summary.json`).
 
     Raises:
-      SearchError / ResumeError / CheckpointError with one-line reasons.
+      SearchError / ResumeError / CheckpointError with one-line reasons;
+      RunLockedError when another process is writing the run folder.
     """
+    run_dir = Path(run_dir)
+    if resume and restart:
+        raise SearchError("--resume continues a search and --restart starts over; pass one of them")
+    if not ckpt.checkpoint_path(run_dir).exists():  # before the lock creates the folder
+        ckpt.load_model(run_dir)  # raises CheckpointNotFoundError naming how to train one
+    with jio.run_lock(run_dir, "jaxsplit modularize"):
+        return _run_modularize(run_dir, cfg, resume, restart=restart, progress=progress, data=data,
+                               evaluate_fn=evaluate_fn, on_checkpoint=on_checkpoint)
+
+
+def move_aside(out_dir: Path) -> Path:
+    """Rename `out_dir` to `<name>.old-<UTC time>` (a numbered suffix if that exists)."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    dest = out_dir.with_name(f"{out_dir.name}.old-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = out_dir.with_name(f"{out_dir.name}.old-{stamp}-{n}")
+    os.rename(out_dir, dest)
+    return dest
+
+
+def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress: bool,
+                    data: tuple | None, evaluate_fn: Callable | None,
+                    on_checkpoint: Callable[[int], None] | None) -> dict:
+    from jaxsplit import config as jconfig
     from jaxsplit import pipeline
 
-    run_dir = Path(run_dir)
     out_dir = run_dir / MODULARIZE_DIRNAME
     ckpt_root = out_dir / CKPT_DIRNAME
     scfg = cfg.search
+    cmd = f"jaxsplit modularize --run {run_dir}"
+    if restart and out_dir.exists():
+        print(f"moved the previous search to {move_aside(out_dir)}")
     existing = list_checkpoints(ckpt_root)
-    if not resume and (existing or (out_dir / "masks.npz").exists()):
+    outputs = [n for n in OUTPUT_FILES if (out_dir / n).exists()]
+    if not resume and (existing or outputs):
+        held = "search checkpoints" if existing else ", ".join(outputs)
         raise SearchError(
-            f"{str(out_dir)!r} already holds a search (checkpoints or masks.npz); pass resume=True "
-            f"(--resume) to continue it, or use another run folder")
+            f"{str(out_dir)!r} already holds a search ({held}); continue it with `{cmd} --resume`, "
+            f"or start over with `{cmd} --restart` (moves it to {MODULARIZE_DIRNAME}.old-<time>/)")
+    if resume and not existing and outputs:
+        raise SearchError(
+            f"{str(out_dir)!r} holds results ({', '.join(outputs)}) but no search checkpoint to "
+            f"resume from, so --resume would mix a new search with these files; start over with "
+            f"`{cmd} --restart` (moves them to {MODULARIZE_DIRNAME}.old-<time>/)")
 
     model, params, train_cfg, _ = ckpt.load_model(run_dir)
     model_desc = pipeline.model_description(train_cfg.model, model)
@@ -343,7 +418,13 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     if valid.num_classes != model.num_classes:
         raise SearchError(f"the data has {valid.num_classes} classes but the model "
                           f"{model.num_classes}; use the run's data config")
-    num_valid = len(valid) if scfg.num_valid is None else min(scfg.num_valid, len(valid))
+    if scfg.num_valid is not None and scfg.num_valid > len(valid):
+        raise SearchError(
+            f"search.num_valid={scfg.num_valid:,} but the valid split has only {len(valid):,} "
+            f"images; lower it, or leave it unset to use all of them")
+    num_valid = len(valid) if scfg.num_valid is None else scfg.num_valid
+    check_search_memory(model.num_classes, scfg.population_size, num_valid,
+                        model.conv_spec().total_kernels)
     images = np.asarray(valid.images[:num_valid], np.float32)
     labels = np.asarray(valid.labels[:num_valid], np.int32)
     classes = np.arange(model.num_classes, dtype=np.int32)
@@ -352,49 +433,41 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
     fp = fingerprint(cfg, model_desc, params)
     if resume and existing:  # refuse a foreign or corrupt checkpoint before any heavy work
         check_resumable(existing[-1][1], fp)
+    else:  # a new search: keep its settings for `--resume`
+        jio.atomic_write_text(out_dir / CONFIG_FILE, _yaml_dump(jconfig.to_dict(cfg)))
     if resume:
         remove_stale_temporaries(ckpt_root)
+    done_before = existing[-1][0] if (resume and existing) else 0
+    estimate = pipeline.search_estimate(model, model.num_classes, scfg.population_size, num_valid,
+                                        scfg.num_generations + 1 - done_before,
+                                        backend=scfg.backend)
+    if estimate is not None:
+        print(estimate)
 
-    # importance (deterministic; reuse the saved one on resume)
-    imp_path = out_dir / "importance.npz"
-    t0 = time.perf_counter()
-    result = imp_lib.kernel_importance(model, params, images, labels,
-                                       confidence=scfg.importance_confidence)
-    importance = result.importance
-    _save_npz(imp_path, {**importance, "__num_confident": result.num_confident,
-                         "__num_images": result.num_images})
+    # importance, sensitivity, encoding, evaluator, initial population: the library's init
+    # (deterministic, so a resumed run recomputes the same values)
+    base_key = jax.random.key(scfg.seed)
+    state = modularize_init(base_key, imp_lib.inference_apply(model), {"params": params},
+                            (images, labels), search=scfg, family=model_name,
+                            evaluate_fn=evaluate_fn, class_names=class_names, compile=False)
+    result, problem, settings = state.importance, state.problem, state.settings
+    importance_time = state.timings.get("importance_s")
+    _save_npz(out_dir / "importance.npz", {**result.importance,
+                                           "__num_confident": result.num_confident,
+                                           "__num_images": result.num_images})
     for w in result.warnings:
         print(f"warning: {w}")
-    importance_time = time.perf_counter() - t0
-
-    evaluate_fn = evaluate_fn or make_evaluator_from_config(model, scfg)
-    sensitive_override = None
-    if scfg.sensitivity:
-        ratios = imp_lib.DEFAULT_RATIOS
-        curves = imp_lib.layer_sensitivity(model, params, images, labels, importance, ratios,
-                                           evaluate_fn=evaluate_fn)
+    if state.sensitivity is not None:
+        curves, ratios = state.sensitivity
         _save_npz(out_dir / "sensitivity.npz", {"curves": curves, "ratios": np.asarray(ratios)})
         if not (out_dir / "sensitivity.png").exists():
             imp_lib.plot_sensitivity(curves, ratios, out_dir / "sensitivity.png",
-                                     model.conv_spec().names)
-        sensitive_override = imp_lib.sensitive_layers(curves, ratios)
+                                     list(state.graph.names))
 
-    problem, settings = build_problem(model, model_name, importance, scfg,
-                                      sensitive_override=sensitive_override, evaluate_fn=evaluate_fn)
-    base_key = jax.random.key(scfg.seed)
-    key_init, key_pop = jax.random.split(jax.random.fold_in(base_key, INIT_STREAM))
-
-    def fresh_carry() -> SearchCarry:
-        bits0 = initial_population(key_pop, problem, scfg.population_size, settings)
-        return init_carry(key_init, problem, bits0)
-
-    history: list[dict[str, Any]] = []
-    start = 0
     compile_time = None
     if resume and existing:
         done, path = existing[-1]
-        template = jax.eval_shape(fresh_carry)  # shapes only: no compile
-        carry, meta = load_search_checkpoint(path, template, base_key, fp)
+        carry, meta = load_search_checkpoint(path, state.carry, base_key, fp)
         history = list(meta["history"])
         start = int(meta["generations_done"])
         compile_time = meta.get("compile_time_s")
@@ -402,68 +475,59 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
             raise ResumeError(f"checkpoint {str(path)!r} is inconsistent: {len(history)} history "
                               f"entries for {start} generations")
         print(f"resuming from {path.name}: {start} generations done")
-    else:
-        carry = fresh_carry()
+        state = state.replace(carry=_strong(carry, input_placement(problem.evaluate_fn)),
+                              generation=start, history=tuple(history))
 
-    total = scfg.num_generations + 1
-    place = input_placement(problem.evaluate_fn)  # a sharded evaluator's mesh, else device 0
-    carry = _strong(carry, place)
-    dev_params = _strong(params, place)
-    dev = _strong((images, labels, classes), place)
-    step = make_step(problem)
-    finished = bool(carry.stopped) or start >= total
-    if not finished:
-        t_c = time.perf_counter()
+    total = state.num_steps
+    if not state.done:
         # a host-side evaluator ("fast") compiles its own pieces per new shape during the first
         # generations; those seconds are in the generation times, not here
-        compiled = compile_step(step, carry, generation_key(base_key, start), dev_params, *dev)
-        this_compile = time.perf_counter() - t_c
-        compile_time = this_compile if compile_time is None else compile_time
+        state = compile_state(state)
+        compile_time = state.compile_time_s if compile_time is None else compile_time
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=start, unit="gen", dynamic_ncols=True,
+            bar = tqdm(total=total, initial=state.generation, unit="gen", dynamic_ncols=True,
                        desc=f"modularize {model_name}")
         try:
-            for g in range(start, total):
-                t_g = time.perf_counter()
-                carry, metrics = compiled(_strong(carry, place), generation_key(base_key, g), dev_params,
-                                          *dev)
-                entry = {"generation": g, **_to_host(metrics)}
-                entry["time_s"] = time.perf_counter() - t_g
-                history.append(entry)
+            while not state.done:
+                state, entry = modularize_step(state)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(fit=f"{entry['best_fitness']:.4f}", acc=f"{entry['best_acc']:.4f}",
                                     diff=f"{entry['best_diff']:.4f}",
                                     kept=f"{np.mean(entry['best_kept_fraction']):.2f}")
-                done = g + 1
+                done = state.generation
                 last = entry["stop"] or done == total
                 if done % scfg.checkpoint_every == 0 or last:
-                    meta = {"generations_done": done, "history": history, "fingerprint": fp,
-                            "compile_time_s": compile_time, "finished": bool(last)}
-                    save_search_checkpoint(ckpt_root, done, carry, base_key, meta)
+                    meta = {"generations_done": done, "history": list(state.history),
+                            "fingerprint": fp, "compile_time_s": compile_time,
+                            "finished": bool(last)}
+                    save_search_checkpoint(ckpt_root, done, state.carry, base_key, meta)
                     if on_checkpoint is not None:
                         on_checkpoint(done)
-                if entry["stop"]:
-                    break
         finally:
             if bar is not None:
                 bar.close()
+    carry, history = state.carry, list(state.history)
 
     # -- outputs -----------------------------------------------------------------------------
     best_bits = np.asarray(carry.best_bits)
-    best_masks = {k: np.asarray(v) for k, v in problem.decode(jnp.asarray(best_bits)[:, None]).items()}
-    best_masks = {k: v[:, 0] for k, v in best_masks.items()}  # (C, K_l)
+    best_masks = modz.best_masks(state)  # {site: (C, K)}
     _save_npz(out_dir / "masks.npz", best_masks)
-    accs = final_accuracies(problem, dev_params, best_bits,
+    modules_path = out_dir / MODULES_FILE
+    if not (modules_path.exists() and _readable(modules_path)):
+        modz.Modules.from_state(state).save(modules_path)
+    accs = final_accuracies(problem, state.variables, best_bits,
                             {"valid": (images, labels), "test": (test.images, test.labels)}, classes)
     valid_acc, model_valid = accs["valid"]["ensemble"], accs["valid"]["model"]
     test_acc, model_test = accs["test"]["ensemble"], accs["test"]["model"]
-    per_class, stats_source = [], None
+    from jaxsplit import extract
+
+    per_class = []
     for c in range(model.num_classes):
-        stats, stats_source = _module_stats(model, params, {k: v[c] for k, v in best_masks.items()})
+        stats = extract.stats_from_mask(model, {k: v[c] for k, v in best_masks.items()})
         per_class.append({"class": c, "name": class_names[c], **{k: _py(v) for k, v in stats.items()}})
 
     def mean_of(key: str) -> float | None:
@@ -472,7 +536,10 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
 
     times = [h["time_s"] for h in history]
     summary = {
-        "model": model_desc, "strategy": scfg.strategy, "population_size": scfg.population_size,
+        "model": model_desc,
+        "source_model": source_model_record(run_dir, fp["params"]["sha256"], train_cfg, classes,
+                                            class_names),
+        "strategy": scfg.strategy, "population_size": scfg.population_size,
         "num_genes": problem.enc.num_genes, "num_valid_images": int(num_valid),
         "generations_run": len(history), "num_generations": scfg.num_generations,
         "stopped_early": bool(carry.stopped), "best_generation": int(carry.best_generation),
@@ -482,7 +549,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, pro
         "model_valid_accuracy": model_valid, "model_test_accuracy": model_test,
         "test_accuracy_loss": model_test - test_acc,
         "mean_kept_fraction": mean_of("kept_fraction"), "mean_params_fraction": mean_of("params_fraction"),
-        "mean_macs_fraction": mean_of("macs_fraction"), "stats_source": stats_source,
+        "mean_macs_fraction": mean_of("macs_fraction"),
         "per_class": per_class, "sensitive_layers": list(settings["sensitive"]),
         "init_ratios": {"sensitive": list(settings["ratios_sensitive"]),
                         "other": list(settings["ratios_other"]),

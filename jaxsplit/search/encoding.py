@@ -36,6 +36,7 @@ fallback at decoding time.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Literal
@@ -67,7 +68,7 @@ REFERENCE_INIT = {
 }
 
 
-class EncodingError(ValueError):
+class EncodingError(JaxsplitError, ValueError):
     """Genes, masks or settings that do not fit the encoding."""
 
 

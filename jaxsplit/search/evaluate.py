@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import masks as masks_lib
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet, ConvSpec, convnet_of
 
 Backend = Literal["reference", "fast", "auto"]
@@ -47,11 +48,11 @@ BACKENDS = ("reference", "fast", "auto")
 FAST_MODULE = "jaxsplit.search.fast_evaluate"
 
 
-class EvaluatorInputError(ValueError):
+class EvaluatorInputError(JaxsplitError, ValueError):
     """Variables, masks, images or classes that do not fit the evaluator."""
 
 
-class EvaluatorBackendError(ValueError):
+class EvaluatorBackendError(JaxsplitError, ValueError):
     """An unknown or unavailable evaluator backend."""
 
 

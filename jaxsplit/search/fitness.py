@@ -52,6 +52,7 @@ evosax (which minimises).
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -67,7 +68,7 @@ REFERENCE_THRESHOLDS_5: dict[int, float] = {2: 0.95, 4: 0.90, 5: 0.85}
 SCHEMES = ("hierarchical", "sampled")
 
 
-class FitnessInputError(ValueError):
+class FitnessInputError(JaxsplitError, ValueError):
     """Fitness inputs whose shapes or settings do not fit together."""
 
 

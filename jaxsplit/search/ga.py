@@ -27,6 +27,7 @@ a leading class axis: one compiled step for the `(C, P, G)` populations.
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -45,7 +46,7 @@ from flax import struct
 Mutation = Literal["random", "flip"]
 
 
-class GAConfigError(ValueError):
+class GAConfigError(JaxsplitError, ValueError):
     """GA settings that do not fit together."""
 
 

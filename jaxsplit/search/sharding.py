@@ -70,6 +70,7 @@ Running on several devices:
 
 from __future__ import annotations
 
+from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -87,7 +88,7 @@ from jaxsplit.search.evaluate import Backend, Evaluator, check_eval_inputs, make
 AXIS = "population"
 
 
-class ShardingError(ValueError):
+class ShardingError(JaxsplitError, ValueError):
     """Bad devices or masks for the sharded evaluator."""
 
 
