@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit.errors import JaxsplitError
-from jaxsplit.models.convnet import ConvNet, ConvSpec, activations, convnet_of
+from jaxsplit.models.convnet import ConvNet, ConvSpec, convnet_of
 
 DEFAULT_RATIOS: tuple[float, ...] = tuple(i / 10 for i in range(1, 11))
 MEASURES = ("activation", "block_output")
@@ -360,13 +360,13 @@ def inference_apply(model: ConvNet) -> Callable:
 
 
 def _check_images_labels(graph: Any, num_classes: int, images, labels) -> None:
-    shape = tuple(getattr(graph, "image_shape", None) or getattr(graph, "input_shape", ()))
-    if len(shape) == np.ndim(images):
-        shape = shape[1:]
+    from jaxsplit.search.evaluate import example_shape
+
+    shape = example_shape(graph)
     if np.ndim(images) != len(shape) + 1 or tuple(np.shape(images)[1:]) != shape:
         raise ImportanceError(
             f"images have shape {tuple(np.shape(images))}; expected (N, "
-            f"{', '.join(map(str, shape))})")
+            f"{', '.join(map(str, shape))})" + (" (NHWC)" if len(shape) == 3 else ""))
     if np.ndim(labels) != 1 or np.shape(labels)[0] != np.shape(images)[0]:
         raise ImportanceError(
             f"labels have shape {tuple(np.shape(labels))}; expected ({np.shape(images)[0]},) "
@@ -433,120 +433,6 @@ def kernel_importance(model: Any, params: Mapping, images, labels, *, confidence
     sums_conf, n_conf, sums_all, n_all = jax.device_get(_importance_sums(
         apply_fn, graph, num_classes, measure, variables, jnp.asarray(x), jnp.asarray(y),
         jnp.asarray(v), jnp.asarray(confidence, jnp.float32), bs))
-    n_conf = np.rint(n_conf).astype(np.int64)
-    n_all = np.rint(n_all).astype(np.int64)
-    fallback = tuple(int(c) for c in np.flatnonzero((n_conf == 0) & (n_all > 0)))
-    empty = tuple(int(c) for c in np.flatnonzero(n_all == 0))
-    warnings = []
-    if fallback:
-        warnings.append(
-            f"classes {list(fallback)} have no valid image classified with confidence >= "
-            f"{confidence}; their importance is the mean over all their images")
-    if empty:
-        warnings.append(f"classes {list(empty)} have no valid image; their importance is zero")
-    use_conf = (n_conf > 0)[:, None]
-    importance = {}
-    for name in sums_conf:
-        mean_conf = sums_conf[name] / np.maximum(n_conf, 1)[:, None]
-        mean_all = sums_all[name] / np.maximum(n_all, 1)[:, None]
-        importance[name] = np.where(use_conf, mean_conf, mean_all).astype(np.float32)
-    return ImportanceResult(importance, n_conf, n_all, fallback, tuple(warnings))
-
-
-# OLD PATH (temporary)
-def _check_images_labels_old(model: ConvNet, images, labels) -> None:
-    spec = model.conv_spec()
-    if np.ndim(images) != 4 or tuple(np.shape(images)[1:]) != spec.image_shape:
-        raise ImportanceError(
-            f"images have shape {tuple(np.shape(images))}; expected (N, "
-            f"{', '.join(map(str, spec.image_shape))}) (NHWC)")
-    if np.ndim(labels) != 1 or np.shape(labels)[0] != np.shape(images)[0]:
-        raise ImportanceError(
-            f"labels have shape {tuple(np.shape(labels))}; expected ({np.shape(images)[0]},) "
-            f"one label per image")
-    if not np.issubdtype(np.asarray(labels).dtype, np.integer):
-        raise ImportanceError(f"labels have dtype {np.asarray(labels).dtype}; expected integers")
-    lab = np.asarray(labels)
-    if lab.size and (lab.min() < 0 or lab.max() >= model.num_classes):
-        raise ImportanceError(
-            f"labels must lie in [0, {model.num_classes}) (the model's classes); got "
-            f"{lab.min()}..{lab.max()}")
-
-
-@partial(jax.jit, static_argnames=("model", "batch_size"))
-def _importance_sums_old(model: ConvNet, params, images: jax.Array, labels: jax.Array,
-                     valid: jax.Array, confidence: jax.Array, batch_size: int):
-    """Per-class sums of spatially-summed post-ReLU maps, confident and all.
-
-    Args:
-      images: `(B * num_batches, H, W, Cin)`, padded; `labels`, `valid`: `(B * num_batches,)`.
-
-    Returns:
-      `(sums_conf {name: (C, K)}, count_conf (C,), sums_all {name: (C, K)}, count_all (C,))`.
-    """
-    num_classes = model.num_classes
-    spec = model.conv_spec()
-    xs = images.reshape(-1, batch_size, *images.shape[1:])
-    ys = labels.reshape(-1, batch_size)
-    vs = valid.reshape(-1, batch_size)
-
-    def body(acc, batch):
-        x, y, v = batch
-        logits, acts = activations(model, params, x)
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        own = jnp.take_along_axis(probs, y[:, None], axis=-1)[:, 0]
-        confident = v & (jnp.argmax(logits, axis=-1) == y) & (own >= confidence)
-        onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32)  # (B, C)
-        w_conf = onehot * confident[:, None]
-        w_all = onehot * v[:, None]
-        sums_conf, n_conf, sums_all, n_all = acc
-        new_conf, new_all = {}, {}
-        for name in spec.names:
-            s = acts[name].astype(jnp.float32).sum(axis=(1, 2))  # (B, K)
-            # one-hot matmul = per-class segment sum; HIGHEST keeps it exact-ish on accelerators.
-            new_conf[name] = sums_conf[name] + jnp.matmul(w_conf.T, s, precision="highest")
-            new_all[name] = sums_all[name] + jnp.matmul(w_all.T, s, precision="highest")
-        return (new_conf, n_conf + w_conf.sum(0), new_all, n_all + w_all.sum(0)), None
-
-    zeros = {l.name: jnp.zeros((num_classes, l.num_kernels), jnp.float32) for l in spec.layers}
-    init = (zeros, jnp.zeros(num_classes), dict(zeros), jnp.zeros(num_classes))
-    (sums_conf, n_conf, sums_all, n_all), _ = jax.lax.scan(body, init, (xs, ys, vs))
-    return sums_conf, n_conf, sums_all, n_all
-
-
-def kernel_importance_old(model: ConvNet, params, images, labels, *, confidence: float = 0.9,
-                      batch_size: int = 256) -> ImportanceResult:
-    """Kernel importance of every class and conv layer (docs/method.md §3).
-
-    Args:
-      model: the trained `ConvNet`.
-      params: its params (inner dict).
-      images: `(N, H, W, Cin)` float32 valid images.
-      labels: `(N,)` int labels in `[0, model.num_classes)`.
-      confidence: softmax probability of the true class needed (reference 0.9);
-        the image must also be classified as its class.
-      batch_size: images per step of the scan (last batch padded and masked).
-
-    Returns:
-      `ImportanceResult` with `importance {conv_name: (C, K_l) float32}`.
-    """
-    _check_images_labels_old(model, images, labels)
-    if not 0.0 <= confidence < 1.0:
-        raise ImportanceError(f"confidence must be in [0, 1), got {confidence}")
-    if batch_size < 1:
-        raise ImportanceError(f"batch_size must be >= 1, got {batch_size}")
-    images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int32)
-    num = images.shape[0]
-    bs = max(1, min(batch_size, num))
-    padded = -(-max(num, 1) // bs) * bs
-    pad = padded - num
-    x = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.float32)])
-    y = np.concatenate([labels, np.zeros(pad, np.int32)])
-    v = np.arange(padded) < num
-    sums_conf, n_conf, sums_all, n_all = jax.device_get(_importance_sums_old(
-        model, params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(v),
-        jnp.asarray(confidence, jnp.float32), bs))
     n_conf = np.rint(n_conf).astype(np.int64)
     n_all = np.rint(n_all).astype(np.int64)
     fallback = tuple(int(c) for c in np.flatnonzero((n_conf == 0) & (n_all > 0)))

@@ -160,13 +160,13 @@ def test_checkpoint_round_trip_continues_bit_identically(model_dir, tmp_path):
     step = D.make_step(problem)
     carry, metrics = fresh(), []
     for g in range(5):
-        carry, m = step(D._strong(carry), D.generation_key(base, g), params, images, labels, classes)
+        carry, m = step(D._strong(carry), D.generation_key(base, g), {"params": params}, images, labels, classes)
         metrics.append(D._to_host(m))
         if g == 1:
             path = D.save_search_checkpoint(tmp_path, 2, carry, base, {"fingerprint": {}})
     resumed, _ = D.load_search_checkpoint(path, jax.eval_shape(fresh), base, {})
     for g in range(2, 5):
-        resumed, m = step(D._strong(resumed), D.generation_key(base, g), params, images, labels,
+        resumed, m = step(D._strong(resumed), D.generation_key(base, g), {"params": params}, images, labels,
                           classes)
         assert D._to_host(m) == metrics[g]
     for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(resumed)):
@@ -175,14 +175,17 @@ def test_checkpoint_round_trip_continues_bit_identically(model_dir, tmp_path):
         D.save_search_checkpoint(tmp_path, 2, carry, base, {})
 
 
-def test_module_stats_fallback():
+def test_module_stats_of_the_summary():
+    """The summary's per-class stats (`extract.stats_from_mask`, what the driver reports)."""
+    from jaxsplit.extract import stats_from_mask
+
     model = weak_cnn(num_classes=3, in_channels=1, widths=(4, 8), hidden=(16,))
     spec = model.conv_spec()
     full = {l.name: np.ones(l.num_kernels, bool) for l in spec.layers}
-    stats = D.module_stats_fallback(model, full)
+    stats = stats_from_mask(model, full)
     assert stats["kept_fraction"] == stats["params_fraction"] == stats["macs_fraction"] == 1.0
     half = {"conv_0": np.r_[np.ones(2, bool), np.zeros(2, bool)], "conv_1": np.ones(8, bool)}
-    stats = D.module_stats_fallback(model, half)
+    stats = stats_from_mask(model, half)
     assert stats["kept_kernels"] == 10
     expected_conv = conv_macs(model, {"conv_0": 2, "conv_1": 8})
     assert expected_conv < conv_macs(model)

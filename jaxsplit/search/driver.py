@@ -42,15 +42,12 @@ under the current acc_ratio (docs/method.md §6).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 

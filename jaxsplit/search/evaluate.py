@@ -106,6 +106,14 @@ def masked_apply_of(graph: Any, apply_fn: Callable) -> Callable:
         f"no masked apply for {type(graph).__name__}: trace the model with jaxsplit.trace")
 
 
+def example_shape(graph: Any) -> tuple[int, ...]:
+    """The shape of one input (no batch axis) of a graph's model."""
+    shape = getattr(graph, "image_shape", None)
+    if shape is None:
+        shape = getattr(graph, "input_shape", ())
+    return tuple(int(d) for d in shape)
+
+
 def target_info(target: Any) -> tuple[Any, tuple[int, ...], int]:
     """`(graph, input_shape without the batch axis, num_classes)` of a ConvNet or a graph.
 
@@ -117,10 +125,9 @@ def target_info(target: Any) -> tuple[Any, tuple[int, ...], int]:
         spec = model_graph(target)
         return spec, tuple(spec.image_shape), int(target.num_classes)
     if hasattr(target, "input_shape") and hasattr(target, "num_outputs"):
-        shape = tuple(target.input_shape)
-        return target, shape, int(target.num_outputs)
+        return target, example_shape(target), int(target.num_outputs)
     if hasattr(target, "image_shape"):
-        return target, tuple(target.image_shape), -1
+        return target, example_shape(target), -1
     raise EvaluatorInputError(
         f"expected a ConvNet or a kernel graph (jaxsplit.trace), got {type(target).__name__}")
 
@@ -156,12 +163,10 @@ def check_eval_inputs(target: Any, masks: Mapping[str, jax.Array], images: jax.A
         masks_lib.validate(masks, spec, batch_shape=(num_rows, num_individuals), check_values=False)
     except masks_lib.MaskError as err:
         raise EvaluatorInputError(f"masks: {err}") from err
-    if len(input_shape) == np.ndim(images):  # a graph's input shape may carry the batch axis
-        input_shape = input_shape[1:]
     if np.ndim(images) != len(input_shape) + 1 or tuple(images.shape[1:]) != input_shape:
         raise EvaluatorInputError(
             f"images have shape {tuple(np.shape(images))}; expected (N, "
-            f"{', '.join(map(str, input_shape))})")
+            f"{', '.join(map(str, input_shape))})" + (" (NHWC)" if len(input_shape) == 3 else ""))
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise EvaluatorInputError(f"images have dtype {images.dtype}; expected float32")
     if np.ndim(classes) != 1 or int(classes.shape[0]) != num_rows:
