@@ -1,7 +1,9 @@
 """Kernel-mask pytrees: make, check, apply, count, compare.
 
 A *mask* is a dict `{conv_name: bool[..., K_l]}` with one entry per conv layer
-of a model's `ConvSpec`. Leading axes are batch axes (a population `(P, K_l)`,
+of a model's `ConvSpec`, or per site of a traced `jaxsplit.graph.Graph` (any
+function here takes either: a `Graph` has the same `names` / `layers` /
+`ties` / `free_layers` API). Leading axes are batch axes (a population `(P, K_l)`,
 classes x population `(C, P, K_l)`); every function here works on them, under
 `jit` and `vmap`. Tied layers (residual adds) carry equal entries: `tie`
 copies each group's representative into the others, and `validate` checks it.
@@ -11,6 +13,13 @@ Two exact ways to run a masked model:
   * activation masking: `model.apply({"params": params}, x, masks=mask)`
     multiplies each post-ReLU activation by its mask, with shared weights.
     This is the population-friendly form: `vmap` over masks only.
+
+For any traced model (`graph = jaxsplit.trace(apply_fn, variables, x)`):
+  * `apply_masks(graph, variables, mask)`: weight masking with exact removal
+    semantics (every consumer's input slices of a dropped channel are zeroed,
+    so BatchNorm shifts and activations with f(0) != 0 contribute nothing);
+  * `masked_apply(graph, apply_fn)(variables, mask, x)`: activation masking,
+    each consumer's input multiplied by the mask of its channels.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsplit import graph as graph_lib
+from jaxsplit.graph import Graph
 from jaxsplit.models.convnet import ConvSpec
 
 Mask = dict[str, jax.Array]
@@ -137,6 +148,10 @@ def apply_to_params(params: Mapping, mask: Mapping[str, jax.Array], spec: ConvSp
     Returns:
       params of the same tree structure.
     """
+    if isinstance(spec, Graph):
+        if isinstance(params, Mapping) and set(params) == {"params"}:
+            return apply_masks(spec, params, mask)
+        return apply_masks(spec, {"params": params}, mask)["params"]
     if "params" in params and len(params) == 1:
         return {"params": apply_to_params(params["params"], mask, spec)}
     validate(mask, spec, check_values=False)
@@ -234,3 +249,107 @@ def from_indices(indices: Mapping[str, np.ndarray], spec: ConvSpec) -> Mask:
 def _check_same_layers(a: Mapping, b: Mapping) -> None:
     if set(a) != set(b):
         raise MaskError(f"masks have different layers: {sorted(a)} vs {sorted(b)}")
+
+
+# -- masks over a traced kernel graph -------------------------------------------
+
+def _any_plan(graph: Graph):
+    """The graph's analysis for its own apply_fn (the leaf labels do not depend on the batch)."""
+    for key, plan in graph._plans.items():
+        if key[0] is graph.apply_fn:
+            return plan
+    return graph.plan((1, *graph.input_shape), graph.input_dtype)
+
+
+def _check_variables(graph: Graph, variables: Mapping, plan) -> list:
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    if treedef != plan.treedef:
+        raise MaskError(f"variables do not have the traced structure: got {treedef}, expected "
+                        f"{plan.treedef}")
+    for path, leaf, want in zip(graph.leaf_paths, leaves,
+                                jax.tree_util.tree_leaves(graph.leaf_shapes)):
+        if tuple(np.shape(leaf)) != tuple(want.shape):
+            raise MaskError(f"variables leaf {'/'.join(path)} has shape {tuple(np.shape(leaf))}; "
+                            f"expected {tuple(want.shape)}")
+    return leaves
+
+
+def _unbatched(graph: Graph, mask: Mapping[str, jax.Array], where: str) -> None:
+    validate(mask, graph, batch_shape=(), check_values=False)
+    for s in graph.sites:
+        chex.assert_shape(mask[s.name], (s.num_kernels,),
+                          custom_message=f"{where}: mask of {s.name}")
+
+
+def apply_masks(graph: Graph, variables: Mapping, mask: Mapping[str, jax.Array]) -> dict:
+    """Weight masking with exact removal semantics, for any traced model.
+
+    Zeroes, for every dropped channel: the consumer-side input slices (next
+    conv kernels' input channels, Dense rows after a flatten / pooling, with
+    concat offsets), the site kernel's output slice and the carriers in the
+    `params` collection (bias, BatchNorm scale and bias, depthwise kernels).
+    Other collections (BatchNorm mean / var) are left as they are.
+
+    Args:
+      graph: `trace(...)` of the model.
+      variables: the full variables dict, the traced structure.
+      mask: `{site: bool[K_s]}` (one module, no batch axes; `vmap` for more),
+        tied sites equal.
+
+    Returns:
+      variables of the same structure and shapes:
+      `apply_fn(apply_masks(graph, v, m), x)` == `masked_apply(graph, apply_fn)(v, m, x)`
+      up to float rounding.
+    """
+    _unbatched(graph, mask, "apply_masks")
+    plan = _any_plan(graph)
+    leaves = _check_variables(graph, variables, plan)
+    gid = graph.group_of(plan)
+    vectors = {gid[n]: mask[n] for n in graph.free_layers}
+    consumer_axes = {(leaf, ax) for leaf, ax, _, _ in plan.consumers}
+    kernel_axes = {(k, plan.sites[k]["out_axis"]) for k in plan.site_order}
+    out = list(leaves)
+    for leaf, lab in plan.leaf_labels.items():
+        in_params = graph.leaf_paths[leaf][0] == "params"
+        for ax, lay in enumerate(lab):
+            if lay is None:
+                continue
+            if not ((leaf, ax) in consumer_axes or (leaf, ax) in kernel_axes or in_params):
+                continue
+            vec = graph_lib._vector(lay, vectors, {}, jnp.result_type(out[leaf]))
+            if vec is None:
+                continue
+            shape = [1] * np.ndim(out[leaf])
+            shape[ax] = -1
+            out[leaf] = out[leaf] * vec.reshape(shape)
+    return jax.tree_util.tree_unflatten(plan.treedef, out)
+
+
+def masked_apply(graph: Graph, apply_fn=None):
+    """Activation masking with shared weights, for any traced model.
+
+    Args:
+      graph: `trace(apply_fn, variables, x)` of the model.
+      apply_fn: the apply function (default: the one traced).
+
+    Returns:
+      `fn(variables, mask, x) -> logits (N, C)`: the traced computation
+      re-evaluated with each consumer's input multiplied by the mask of its
+      channels (`mask`: `{site: bool[K_s]}`, tied sites equal), which is exact
+      removal of the dropped kernels whatever carriers / activations follow
+      them. Pure; `jit` it, and `vmap` it over masks for a population. Any
+      batch size N (one analysis per input shape, cached on the graph). For a
+      jaxsplit `ConvNet` with binary masks it equals
+      `model.apply({"params": p}, x, masks=mask)` bit for bit.
+    """
+    fn_ = graph.apply_fn if apply_fn is None else apply_fn
+
+    def fn(variables: Mapping, mask: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
+        _unbatched(graph, mask, "masked_apply")
+        plan = graph.plan(tuple(x.shape), x.dtype, fn_)
+        leaves = _check_variables(graph, variables, plan)
+        gid = graph.group_of(plan)
+        vectors = {gid[n]: mask[n] for n in graph.free_layers}
+        return graph_lib.evaluate(graph, plan, leaves, x, vectors=vectors)
+
+    return fn
