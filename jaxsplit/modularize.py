@@ -114,14 +114,18 @@ def variables_digest(variables: Any) -> str:
     return ckpt.params_digest(variables)
 
 
+def _generic_extract() -> Any:
+    """`jaxsplit.extract` when it has the generic (graph) extractor, else None."""
+    from jaxsplit import extract as ext
+
+    return ext if hasattr(ext, "gather") else None
+
+
 def _module_stats(graph: Any, convnet: ConvNet | None, mask: Mapping[str, np.ndarray]) -> dict:
     """Kept kernels / params / MACs of one module (and fractions of the model)."""
-    try:
-        from jaxsplit.extract import module_stats as generic_stats
-    except ImportError:
-        generic_stats = None
-    if generic_stats is not None and not isinstance(graph, ConvSpec):
-        return dict(generic_stats(graph, mask))
+    ext = _generic_extract()
+    if ext is not None and not isinstance(graph, ConvSpec):
+        return dict(ext.module_stats(graph, mask))
     if convnet is not None:
         from jaxsplit.extract import stats_from_mask
 
@@ -455,16 +459,21 @@ class Modules:
         from jaxsplit import extract as ext
 
         mask = self.mask(c)
+        generic = _generic_extract()
+        if generic is not None and not isinstance(self.graph, ConvSpec):
+            return generic.extract(self.graph, self.variables, mask, target_class=int(c))
         convnet = convnet_of(self.apply_fn)
-        if isinstance(self.graph, ConvSpec):  # a ConvNet without the tracer: its own extractor
-            if convnet is None:
-                raise ModularizeError("extract needs jaxsplit.trace's graph")
-            small, small_vars = ext.extract(convnet, self.variables, mask, target_class=int(c))
+        if convnet is None:
+            raise ModularizeError(
+                "physical extraction of a model other than a jaxsplit ConvNet needs the generic "
+                "extractor (jaxsplit.extract over a traced graph); apply(c) runs the module "
+                "masked meanwhile")
+        convnet_extract = getattr(ext, "extract_convnet", ext.extract)
+        small, small_vars = convnet_extract(convnet, self.variables, mask, target_class=int(c))
 
-            def module_apply(v, x):
-                return small.apply(v, x)[:, 0]
-            return module_apply, small_vars
-        return ext.extract(self.graph, self.variables, mask, target_class=int(c))
+        def module_apply(v, x):
+            return small.apply(v, x)[:, 0]
+        return module_apply, small_vars
 
     # -- construction ---------------------------------------------------------------------
 
