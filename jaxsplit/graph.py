@@ -167,23 +167,26 @@ def _map_groups(lay: Layout, fn: Callable[[int], int]) -> Layout:
     return (lay[0], tuple(_map_groups(p, fn) for p in lay[1]))
 
 
-def _indices(lay: Layout, idx: Mapping[int, jax.Array]) -> jax.Array:
-    """Positions in the full layout of the kept (or gathered) entries, int32."""
+def _indices(lay: Layout, idx: Mapping[int, Any], xp: Any = jnp) -> Any:
+    """Positions in the full layout of the kept (or gathered) entries, int32.
+
+    `xp` is `jnp` (traced indices) or `np` (host indices, nothing compiled).
+    """
     kind = lay[0]
     if kind == "chan":
         g = lay[1]
-        return jnp.asarray(idx[g], jnp.int32) if g in idx else jnp.arange(lay[2], dtype=jnp.int32)
+        return xp.asarray(idx[g], xp.int32) if g in idx else xp.arange(lay[2], dtype=xp.int32)
     if kind == "fixed":
-        return jnp.arange(lay[1], dtype=jnp.int32)
+        return xp.arange(lay[1], dtype=xp.int32)
     if kind == "cat":
         out, off = [], 0
         for p in lay[1]:
-            out.append(_indices(p, idx) + off)
+            out.append(_indices(p, idx, xp) + off)
             off += _full_size(p)
-        return jnp.concatenate(out)
-    flat = jnp.zeros((1,), jnp.int32)
+        return xp.concatenate(out)
+    flat = xp.zeros((1,), xp.int32)
     for f in lay[1]:
-        flat = (flat[:, None] * _full_size(f) + _indices(f, idx)[None, :]).reshape(-1)
+        flat = (flat[:, None] * _full_size(f) + _indices(f, idx, xp)[None, :]).reshape(-1)
     return flat
 
 
@@ -372,7 +375,7 @@ class _Ctx:
 
     # -- layouts
     def unify(self, a: Layout, b: Layout, eqn, infos) -> Layout:
-        if a[0] != b[0] or (a[0] != "chan" and len(a[1]) != len(b[1])):
+        if a[0] != b[0] or (a[0] in ("cat", "prod") and len(a[1]) != len(b[1])):
             raise self.fail(eqn, infos, f"combines differently laid out channels "
                                         f"({_describe(a, {})} vs {_describe(b, {})})")
         if a[0] == "chan":
@@ -968,6 +971,7 @@ class Graph:
     leaf_shapes: Any = dataclasses.field(repr=False)  # ShapeDtypeStruct tree of variables
     input_dtype: Any = dataclasses.field(repr=False, default=jnp.float32)
     _plans: dict = dataclasses.field(default_factory=dict, repr=False)
+    _modules: dict = dataclasses.field(default_factory=dict, repr=False)  # module_apply cache
 
     # -- ConvSpec duck API
     @property

@@ -243,3 +243,58 @@ def test_flatten_unflatten_and_indices_round_trip():
         M.from_indices(dict(idx, conv_0=np.array([0, 8])), spec)
     with pytest.raises(M.MaskError, match="no indices for layer conv_3"):
         M.from_indices({k: v for k, v in idx.items() if k != "conv_3"}, spec)
+
+
+# -- masks over a traced kernel graph ----------------------------------------------
+
+@pytest.mark.parametrize("arch", ["simcnn", "rescnn"])
+def test_masked_apply_over_graph_equals_convnet_masks_bit_for_bit(arch):
+    import jaxsplit
+
+    model = ARCHS[arch]()
+    params = random_params(model, 0)
+    x = jax.random.normal(jax.random.key(0), model.dummy_input(3).shape)
+    graph = jaxsplit.trace(model.apply, {"params": params}, x)
+    assert graph.names == model.conv_spec().names and graph.ties == model.conv_spec().ties
+    masks = _rand(1, graph, batch_shape=(4,))
+    masks = {k: jnp.asarray(v) for k, v in masks.items()}
+    fn = jax.jit(jaxsplit.masked_apply(graph))
+    ref = jax.jit(lambda p, m, xx: model.apply({"params": p}, xx, masks=m))
+    for i in range(4):  # one compile each, masks are arguments
+        one = {k: v[i] for k, v in masks.items()}
+        assert np.array_equal(np.asarray(fn({"params": params}, one, x)),
+                              np.asarray(ref(params, one, x)))
+    # vmapped over masks (XLA may fuse the batched programs differently: float rounding)
+    got = jax.jit(jax.vmap(jaxsplit.masked_apply(graph), (None, 0, None)))(
+        {"params": params}, masks, x)
+    want = jax.jit(jax.vmap(lambda m: model.apply({"params": params}, x, masks=m)))(masks)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # weight masking over the graph equals the ConvNet weight masking
+    one = {k: v[0] for k, v in masks.items()}
+    a = M.apply_masks(graph, {"params": params}, one)["params"]
+    b = M.apply_to_params(params, one, model.conv_spec())
+    for name in graph.names:
+        np.testing.assert_array_equal(a[name]["bias"], b[name]["bias"])
+    np.testing.assert_array_equal(
+        jax.jit(model.apply)({"params": a}, x),
+        jax.jit(lambda p: model.apply({"params": p}, x, masks=one))(params))
+    assert M.apply_to_params(params, one, graph).keys() == params.keys()
+
+
+def test_graph_masks_validate_and_refuse():
+    import jaxsplit
+
+    model = ARCHS["rescnn"]()
+    params = random_params(model, 0)
+    graph = jaxsplit.trace(model.apply, {"params": params}, model.dummy_input(1))
+    mask = M.full(graph)
+    M.validate(mask, graph, batch_shape=())
+    broken = dict(mask, conv_3=mask["conv_3"].at[0].set(False))
+    with pytest.raises(M.MaskError, match="conv_1 and conv_3"):
+        M.validate(broken, graph)
+    with pytest.raises(M.MaskError, match="missing"):
+        jaxsplit.masked_apply(graph)({"params": params}, {"conv_0": mask["conv_0"]},
+                                     model.dummy_input(1))
+    with pytest.raises(M.MaskError, match="conv_0"):
+        jaxsplit.apply_masks(graph, {"params": {k: v for k, v in params.items()}},
+                             dict(mask, conv_0=mask["conv_0"][:-1]))
