@@ -97,6 +97,19 @@ def test_end_to_end_search_beats_chance(searched):
     assert history["compile_time_s"] > 0 and all(h["time_s"] > 0 for h in gens)
     with np.load(out / "importance.npz") as z:
         assert z["conv_0"].shape == (NUM_CLASSES, spec.layer("conv_0").num_kernels)
+    # the same masks as a Modules file, for the traced graph of the run's model
+    from functools import partial
+
+    from jaxsplit.graph import trace
+    from jaxsplit.modularize import Modules
+
+    params = ckpt.load_model(run)[1]
+    graph = trace(partial(model.apply, train=False), {"params": params}, model.dummy_input())
+    modules = Modules.load(out / D.MODULES_FILE, graph)
+    for k in spec.names:
+        np.testing.assert_array_equal(modules.masks[k], masks[k])
+    assert modules.class_names == tuple(r["name"] for r in summary["per_class"])
+    assert len(modules.history) == len(gens)
 
 
 def test_keeps_the_latest_two_checkpoints_and_refuses_to_overwrite(searched):

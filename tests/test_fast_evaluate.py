@@ -132,7 +132,7 @@ def test_new_params_are_used(cases):
     assert_close(fast({"params": params}, masks, images, classes), reference_L(model, params, masks, images,
                                                                   classes))
     other = random_params(model, 99)
-    assert_close(fast(other, masks, images, classes), reference_L(model, other, masks, images,
+    assert_close(fast({"params": other}, masks, images, classes), reference_L(model, other, masks, images,
                                                                  classes))
 
 
@@ -282,15 +282,15 @@ def test_row_cache_reuses_repeated_modules(cases):
     second = np.asarray(fast({"params": params}, nxt, images, classes))
     # rows run: one per class (column 2; column 3 is its copy); the other three are reused
     assert fast.cache_stats["hits"] == 3 * C and fast.cache_stats["misses"] == C * P + C
-    np.testing.assert_array_equal(second, np.asarray(plain(params, nxt, images, classes)))
+    np.testing.assert_array_equal(second, np.asarray(plain({"params": params}, nxt, images, classes)))
     np.testing.assert_array_equal(second[:, :2], first[:, 2:4])
     assert plain.cache_stats["hits"] == 0
     # other params (or other images): nothing reused
     other = random_params(model, 98)
-    assert_close(fast(other, nxt, images, classes), reference_L(model, other, nxt, images, classes))
+    assert_close(fast({"params": other}, nxt, images, classes), reference_L(model, other, nxt, images, classes))
     assert fast.cache_stats["hits"] == 4 * C  # only the copy inside the call
     # the same class with the same mask but another class row is another module
-    swapped = np.asarray(fast(other, nxt, images, classes[::-1]))
+    swapped = np.asarray(fast({"params": other}, nxt, images, classes[::-1]))
     assert_close(swapped, reference_L(model, other, nxt, images, classes[::-1]))
 
 
@@ -359,10 +359,10 @@ def test_search_step_with_the_fast_backend(cases, tmp_path):
     step = D.make_step(problem)
     assert isinstance(step, D.HostEvaluatedStep)
     compiled = D.compile_step(step, D.init_carry(k_init, problem, bits), D.generation_key(base, 0),
-                              params, images, labels, classes)
+                              {"params": params}, images, labels, classes)
     carry, metrics = D.init_carry(k_init, problem, bits), []
     for g in range(3):
-        carry, m = compiled(D._strong(carry), D.generation_key(base, g), params, images, labels,
+        carry, m = compiled(D._strong(carry), D.generation_key(base, g), {"params": params}, images, labels,
                             classes)
         metrics.append(D._to_host(m))
         if g == 0:
@@ -373,7 +373,7 @@ def test_search_step_with_the_fast_backend(cases, tmp_path):
     resumed, _ = D.load_search_checkpoint(path, template, base, {})
     problem.evaluate_fn._cache.clear()  # ... which a resumed run starts without
     for g in range(1, 3):
-        resumed, m = step(D._strong(resumed), D.generation_key(base, g), params, images, labels,
+        resumed, m = step(D._strong(resumed), D.generation_key(base, g), {"params": params}, images, labels,
                           classes)
         assert D._to_host(m) == metrics[g]
     for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(resumed)):
