@@ -12,8 +12,13 @@ model's jaxpr re-evaluated with a tap at each site; the model is not
 changed). Where the map is measured (`measure`, see `MEASURES`):
 
 * "activation": the site's map after its first nonlinearity (before any
-  pooling); a site that reaches a consumer before any nonlinearity is
-  measured at that consumer's input. The reference's SimCNN rule.
+  pooling): the output of the first nonlinear primitive (the `max` of a
+  ReLU, a `tanh`, ...) and of the elementwise ops of that same map that
+  follow it (GELU is `x * 0.5 * (1 + tanh(...))`, SiLU `x * sigmoid(x)`),
+  up to the first op that is not elementwise or mixes in another site's map
+  (a pool, a consumer, a residual add). A site that reaches a consumer
+  before any nonlinearity is measured at that consumer's input. The
+  reference's SimCNN rule.
 * "block_output": the map right before its consumers (the next conv, a
   Dense layer, a flatten): after the pool and after a residual add. When
   several maps of a site reach consumers, the last in forward order counts
@@ -144,9 +149,10 @@ class _Taps:
                 f"last with {k} channels (N, ..., {k})")
         return value.astype(jnp.float32).sum(axis=tuple(range(1, value.ndim - 1)))
 
-    def nonlinearity(self, sites, value) -> None:
+    def nonlinearity(self, sites, value, update: bool = False) -> None:
+        """The first nonlinearity of `sites` (`update`: a later op of its elementwise tail)."""
         for s in sites:
-            if s not in self.activation:
+            if update or s not in self.activation:
                 self.activation[s] = self._sums(s, value)
 
     def consumed(self, sites, value) -> None:
@@ -166,8 +172,13 @@ class _Taps:
 
 
 def _rule(taps: _Taps, eqn, ins, tags, outs) -> list:
-    """Tags of `eqn`'s outputs; records the site maps it sees. A tag is `("kernel", site)` or
-    `("map", sites, stage)` with stage "pre" (before the first nonlinearity) or "act"."""
+    """Tags of `eqn`'s outputs; records the site maps it sees.
+
+    A tag is `("kernel", site)` or `("map", sites, stage)`; stage "pre" (before
+    the first nonlinearity), "open" (the first nonlinearity and the elementwise
+    tail that finishes it, e.g. GELU's `x * 0.5 * (1 + tanh(...))`: the
+    activation is the tail's last value) or "act" (after it).
+    """
     name = eqn.primitive.name
     none = [None] * len(outs)
     maps = [t for t in tags if t is not None and t[0] == "map"]
@@ -183,22 +194,23 @@ def _rule(taps: _Taps, eqn, ins, tags, outs) -> list:
     if not maps:
         return none
     sites = tuple(dict.fromkeys(s for t in maps for s in t[1]))
-    stage = "pre" if any(t[2] == "pre" for t in maps) else "act"
+    stages = {t[2] for t in maps}
+    one_chain = len({t[1] for t in maps}) == 1  # every labelled operand carries the same sites
     out = outs[0]
     k = taps.graph.num_kernels[sites[0]]
     keeps_channels = len(outs) == 1 and getattr(out, "ndim", 0) >= 2 and out.shape[-1] == k
-    if name in _NONLINEAR and len(maps) == 1 and keeps_channels:
-        if stage == "pre":
-            taps.nonlinearity(sites, out)
-        return [("map", sites, "act")]
-    if (name in _ELEMENTWISE or name in _POOLS) and keeps_channels:
-        return [("map", sites, stage)]
-    if name == "reshape" and keeps_channels and out.ndim == ins[0].ndim:
-        return [("map", sites, stage)]
+    if keeps_channels and one_chain and (name in _NONLINEAR or name in _ELEMENTWISE) \
+            and "act" not in stages and (name in _NONLINEAR or "open" in stages):
+        taps.nonlinearity(sites, out, update="open" in stages)
+        return [("map", sites, "open")]
+    closed = "pre" if "pre" in stages else "act"
+    if name in _ELEMENTWISE and keeps_channels:
+        return [("map", sites, closed)]
+    if (name in _POOLS or name == "reshape") and keeps_channels and out.ndim == ins[0].ndim:
+        return [("map", sites, closed)]
     # anything else (dot_general, a flatten, a global reduction, ...) consumes the map
     for t in maps:
-        value = ins[tags.index(t)]
-        taps.consumed(t[1], value)
+        taps.consumed(t[1], ins[tags.index(t)])
     return none
 
 

@@ -232,8 +232,8 @@ def test_rescnn_block_output_is_the_reference_rule():
 
 
 def test_importance_of_any_traced_model():
-    """A BatchNorm model with global average pooling: both measures read from the jaxpr equal
-    the maps the model sows (the model's computation is unchanged by `sow`)."""
+    """A BatchNorm model (ReLU, then GELU) with global average pooling: both measures read from
+    the jaxpr equal the maps the model sows (the model's computation is unchanged by `sow`)."""
     import flax.linen as nn
 
     from jaxsplit.graph import trace
@@ -241,10 +241,10 @@ def test_importance_of_any_traced_model():
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
-            for i, width in enumerate((5, 7)):
+            for i, (width, act) in enumerate(((5, nn.relu), (7, nn.gelu))):
                 x = nn.Conv(width, (3, 3), name=f"conv{i}")(x)
                 x = nn.BatchNorm(use_running_average=True, name=f"bn{i}")(x)
-                x = nn.relu(x)
+                x = act(x)
                 self.sow("intermediates", f"act{i}", x)
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 self.sow("intermediates", f"out{i}", x)
