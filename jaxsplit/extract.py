@@ -89,7 +89,7 @@ import numpy as np
 
 from jaxsplit import graph as graph_lib
 from jaxsplit import masks as masks_lib
-from jaxsplit.graph import CLASS_GID, Graph, GraphError
+from jaxsplit.graph import CLASS_GID, Graph
 from jaxsplit.models.convnet import (
     ConvLayerDef,
     ConvNet,

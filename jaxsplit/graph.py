@@ -306,6 +306,8 @@ _REDUCE = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "r
                      "reduce_or", "reduce_xor", "argmax", "argmin"})
 _WINDOW = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum", "reduce_window"})
 _CUMULATIVE = frozenset({"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"})
+# always interpreted: they keep the leaf provenance that carriers are found by
+_STRUCTURAL = frozenset({"broadcast_in_dim", "reshape", "transpose", "concatenate"})
 _SUBJAXPR = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call",
                        "custom_vjp_call", "remat2", "checkpoint", "remat"})
 
@@ -360,11 +362,11 @@ class _Ctx:
         stack = str(eqn.source_info.name_stack) or "<top level>"
         leaves = sorted({self.leaf_name(l) for i in infos if i.pdep and i.prov
                          for p in i.prov if p != OPAQUE for l, _ in p})
-        sites = sorted({self.leaf_name(g) if g >= 0 else "classifier"
+        sites = sorted({_site_name(self.leaf_paths[g]) if g >= 0 else "a Dense output"
                         for i in infos for lay in i.lab if lay is not None for g in _groups(lay)})
         txt = f" in module `{stack}`"
         if sites:
-            txt += f" on channels of the conv(s) {', '.join(s.rsplit('/', 1)[0] for s in sites)}"
+            txt += f" on the channels of site(s) {', '.join(sites)}"
         if leaves:
             txt += f" (variables {', '.join(leaves)})"
         return txt
@@ -492,12 +494,8 @@ def _rule(eqn, infos: list[_Info], vals, ctx: _Ctx) -> tuple[list[_Info], list |
         return _conv(eqn, infos, vals, ctx)
     if name == "dot_general":
         return _dot(eqn, infos, vals, ctx)
-    if not any(i.labelled for i in infos):
-        if name in ("broadcast_in_dim", "reshape", "transpose") and infos[0].pdep and any(
-                p != OPAQUE and p for p in infos[0].prov):
-            pass  # keep the leaf provenance of variables values
-        elif name not in ("broadcast_in_dim", "reshape", "transpose", "concatenate"):
-            return _untouched(eqn, infos, vals, ctx)
+    if not any(i.labelled for i in infos) and name not in _STRUCTURAL:
+        return _untouched(eqn, infos, vals, ctx)
     x = infos[0]
     (out_shape,) = _avals(eqn) if not eqn.primitive.multiple_results else (None,)
     if name == "transpose":
@@ -706,12 +704,7 @@ def _concat(eqn, infos, vals, ctx: _Ctx, out_shape):
     for a in range(r):
         if a == dim:
             parts = [i.lab[a] if i.lab[a] is not None else _fixed(i.shape[a]) for i in infos]
-            lay = _normalize(("cat", tuple(parts)))
-            if lay is not None:
-                for i in infos:
-                    if i.lab[a] is None and i.pdep and i.shape[a] > 1:
-                        pass  # a values-only block of fixed channels
-            lab.append(lay)
+            lab.append(_normalize(("cat", tuple(parts))))  # unlabelled parts: fixed blocks
             continue
         lays = [i.lab[a] for i in infos if i.lab[a] is not None]
         lay = lays[0] if lays else None
@@ -1094,13 +1087,9 @@ def _analyse(apply_fn: Callable, leaf_tree, x) -> tuple[_Plan, tuple[Site, ...],
     leaf_shapes = [jax.ShapeDtypeStruct(tuple(np.shape(l)), jnp.result_type(l)) for _, l in leaves_p]
 
     def flat_fn(leaves, xx):
-        out = apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), xx)
-        return out
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves), xx)
 
-    try:
-        closed = jax.make_jaxpr(flat_fn)(leaf_shapes, x)
-    except GraphError:
-        raise
+    closed = jax.make_jaxpr(flat_fn)(leaf_shapes, x)
     if len(closed.jaxpr.outvars) != 1 or len(closed.out_avals[0].shape) != 2:
         raise GraphError(f"apply_fn must return one logits array (N, C); it returns "
                          f"{[tuple(a.shape) for a in closed.out_avals]}")

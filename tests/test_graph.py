@@ -287,3 +287,73 @@ def test_other_batch_sizes_and_jit():
     for n in (5,):
         xx = jax.random.normal(jax.random.key(n), (n, 8, 8, 3))
         np.testing.assert_allclose(fn(variables, full, xx), ref(variables, xx), atol=1e-5)
+
+
+def test_channel_first_flatten_and_shared_conv():
+    class NCHWHead(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            conv = nn.Conv(3, (3, 3), name="shared")
+            h = nn.relu(conv(nn.relu(nn.Conv(3, (3, 3), name="first")(x))))
+            h = nn.tanh(conv(h))  # the same kernel applied twice: one site, tied to itself
+            h = jnp.transpose(h, (0, 3, 1, 2)).reshape((h.shape[0], -1))  # NCHW flatten
+            return nn.Dense(2, name="fc")(h)
+
+    model = NCHWHead()
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    variables = random_variables(model, x, 0)
+    graph = jaxsplit.trace(model.apply, variables, x)
+    assert graph.names == ("first", "shared")
+    assert graph.ties == (("first", "shared"),)  # shared's input and output channels are one axis
+    (fc,) = [c for c in graph.layer("shared").consumers if c.kind == "dense"]
+    assert fc.layout == "first[3]x16"
+    mask = {"first": jnp.array([False, True, True]), "shared": jnp.array([False, True, True])}
+    fn, mv = jaxsplit.extract(graph, variables, mask)
+    assert mv["params"]["fc"]["kernel"].shape == (32, 2)
+    np.testing.assert_allclose(jax.jit(fn)(mv, x),
+                               jax.jit(M.masked_apply(graph))(variables, mask, x), atol=1e-5)
+
+
+def test_encoding_takes_a_graph():
+    from jaxsplit.search import encoding as enc_lib
+
+    model, variables, x = resnet_like()
+    graph = jaxsplit.trace(model.apply, variables, x)
+    rng = np.random.default_rng(0)
+    importance = {n: rng.random((3, graph.layer(n).num_kernels)) for n in graph.names}
+    enc = enc_lib.build_encoding(graph, importance)
+    genes = jnp.asarray(rng.random((3, enc.num_genes)) < 0.5)
+    mask = enc_lib.decode(enc, genes, empty="none")
+    assert set(mask) == set(graph.names)
+    assert np.array_equal(mask["block1/conv2"], mask["block0/conv2"])
+    assert np.array_equal(enc_lib.encode(enc, mask), genes)
+
+
+@jax.custom_vjp
+def _leaky(x):
+    return jnp.where(x > 0, x, 0.1 * x)
+
+
+_leaky.defvjp(lambda x: (_leaky(x), x), lambda x, g: (jnp.where(x > 0, g, 0.1 * g),))
+
+
+def test_sub_jaxprs_remat_custom_vjp_and_jit():
+    class Wrapped(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = _leaky(nn.Conv(4, (3, 3), name="a")(x))  # custom_vjp_call
+            h = nn.remat(nn.Conv)(5, (3, 3), name="b")(h)  # remat2
+            h = jax.jit(lambda v: jnp.tanh(v) + 0.5)(h)  # jit, f(0) != 0
+            return nn.Dense(2, name="fc")(jnp.max(h, axis=(1, 2)))
+
+    model = Wrapped()
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 2))
+    variables = random_variables(model, x, 0)
+    graph = jaxsplit.trace(model.apply, variables, x)
+    assert graph.names == ("a", "b")
+    mask = {"a": jnp.array([True, False, False, True]), "b": jnp.array([0, 1, 1, 0, 1], bool)}
+    want = jax.jit(M.masked_apply(graph))(variables, mask, x)
+    fn, mv = jaxsplit.extract(graph, variables, mask)
+    np.testing.assert_allclose(jax.jit(fn)(mv, x), want, atol=1e-5)
+    weighted = jax.jit(model.apply)(jaxsplit.apply_masks(graph, variables, mask), x)
+    np.testing.assert_allclose(weighted, want, atol=1e-5)
