@@ -66,9 +66,6 @@ def compare_backends(run_dir: Path, cfg: jconfig.Config) -> dict:
     out = {"num_images": n, "population_size": scfg.population_size + 1,
            "num_classes": model.num_classes}
     for backend in ("reference", "fast"):
-        if backend == "fast" and not jevaluate.fast_backend_available():
-            out[backend] = None
-            continue
         # no row cache (ignored by "reference"): the timed call repeats the warm-up's masks
         evaluate_fn = jevaluate.make_evaluator(model, backend, chunk_individuals=scfg.chunk_individuals,
                                                chunk_images=scfg.chunk_images, cache_bytes=0)
@@ -141,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.set,
         "search": jconfig.to_dict(cfg.search),
         "evaluator_backend": resolved,
-        "fast_backend_available": jevaluate.fast_backend_available(),
         "model": summary["model"],
         "num_genes": summary["num_genes"],
         "num_valid_images": summary["num_valid_images"],

@@ -36,7 +36,6 @@ On disk (orbax composite checkpoint): `path/tree/` (orbax `StandardSave` of the 
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import datetime
 import hashlib
 import json
@@ -51,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxsplit.errors import JaxsplitError
 
 __all__ = [
     "CHECKPOINT_DIRNAME",

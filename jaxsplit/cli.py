@@ -254,7 +254,12 @@ def cmd_patch(args: argparse.Namespace) -> int:
     from jaxsplit import io as jio
     from jaxsplit import patch
 
+    from jaxsplit import pipeline
+
     run_dir, cfg = _run_config(args)
+    estimate = pipeline.patch_estimate(cfg)
+    if estimate is not None:
+        print(estimate, flush=True)
     args.interrupt_hint = (f"finished weak models are kept in {run_dir / 'patch'}; continue with:"
                            f"\n  {_command('patch', '--run', str(run_dir))}")
     with jio.run_lock(run_dir, "jaxsplit patch"):

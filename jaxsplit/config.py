@@ -11,7 +11,6 @@ and ml_collections/hydra would add a dependency for less precise messages.
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import dataclasses
 import json
 import types
@@ -22,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.search.config import SearchConfig
 from jaxsplit.patch_config import PatchConfig
 

@@ -44,8 +44,7 @@ so SimCNN, ResCNN and the weak CNNs share this one code path.
 Size statistics (`stats_from_mask`, `module_stats`) follow one convention for
 the headline fractions, `params_fraction` and `macs_fraction`: the module
 **with the whole classifier** against the whole model, so an all-ones mask is
-exactly 1.0 and the fraction measures only what the mask removes (the same
-numbers as `jaxsplit.search.driver.module_stats_fallback`). The module as used
+exactly 1.0 and the fraction measures only what the mask removes. The module as used
 for patching outputs one logit; its sizes are reported too, as
 `single_output_params` / `single_output_macs` and their fractions of the whole
 model. The two differ only by the classifier's other columns (for SimCNN
@@ -74,7 +73,6 @@ Example (README-ready):
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,6 +88,7 @@ import numpy as np
 from jaxsplit import graph as graph_lib
 from jaxsplit import masks as masks_lib
 from jaxsplit.graph import CLASS_GID, Graph
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import (
     ConvLayerDef,
     ConvNet,

@@ -24,7 +24,6 @@ For any traced model (`graph = jaxsplit.trace(apply_fn, variables, x)`):
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 
 import chex
@@ -34,6 +33,7 @@ import numpy as np
 
 from jaxsplit import graph as graph_lib
 from jaxsplit.graph import Graph
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvSpec
 
 Mask = dict[str, jax.Array]

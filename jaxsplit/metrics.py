@@ -13,10 +13,11 @@ dependency of jaxsplit.
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from jaxsplit.errors import JaxsplitError
 
 
 class MetricsError(JaxsplitError, ValueError):

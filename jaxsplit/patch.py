@@ -55,7 +55,6 @@ plots).
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import dataclasses
 import datetime
 import functools
@@ -76,6 +75,7 @@ from jaxsplit import config as jconfig
 from jaxsplit import data as jdata
 from jaxsplit import metrics, pipeline
 from jaxsplit import train as jtrain
+from jaxsplit.errors import JaxsplitError
 
 __all__ = [
     "PatchError",
@@ -839,6 +839,10 @@ def train_poor_fit(cfg: Any, task: PatchTask, underfit_epochs: int, workdir: Pat
 # Modules of the strong model.
 
 
+class MasksNotFoundError(PatchError, FileNotFoundError):
+    """The run has no ``modularize/masks.npz``."""
+
+
 def load_masks(path: Path, model: Any, params: Any = None) -> dict[str, np.ndarray]:
     """``{conv_name: bool (C, K_l)}`` from ``modularize/masks.npz``, checked against ``model``.
 
@@ -857,7 +861,8 @@ def load_masks(path: Path, model: Any, params: Any = None) -> dict[str, np.ndarr
     path = Path(path)
     cmd = f"jaxsplit modularize --run {path.parent.parent}"
     if not path.is_file():
-        raise PatchError(f"no module masks at {str(path)!r}; run the modularization first (`{cmd}`)")
+        raise MasksNotFoundError(f"no module masks at {str(path)!r}; run the modularization first "
+                                 f"(`{cmd}`)")
     try:
         with np.load(path, allow_pickle=False) as f:
             raw = {k: np.asarray(f[k]) for k in f.files}
@@ -1055,7 +1060,6 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
       The results dict, also written to ``patch/patch_results.json``.
     """
     import datetime
-    import json
     import time
 
 

@@ -268,3 +268,40 @@ def search_estimate(model: ConvNet, num_classes: int, population_size: int, num_
             f"({num_classes} classes x {population_size + 1} modules x {num_images:,} images x "
             f"{num_populations} generations x {macs / 1e6:,.1f} M MACs/image at a conservative "
             f"{rate:.1e} MACs/s, evaluator {backend!r}); Ctrl-C stops it, `--resume` continues")
+
+
+def patch_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
+                   cores: int | None = None) -> str | None:
+    """A one-line time estimate of `jaxsplit patch` (its weak-model training), or None (below
+    `threshold_s`, a task or dataset whose sizes are not known without loading it, or JAX not on
+    the CPU).
+
+    Per target class: weak-model MACs/image x 3 x (weak classes x images per class + TC images)
+    x weak epochs (+ the poor-fit run's epochs), at `TRAIN_MACS_PER_S_PER_CORE` per core.
+    """
+    from jaxsplit.config import ModelConfig
+    from jaxsplit.models.convnet import conv_macs, head_macs
+
+    pcfg = cfg.patch
+    known = KNOWN_DATASETS.get(cfg.data.name)
+    cores = cores if cores is not None else _cpu_cores()
+    if pcfg.task != "self" or known is None or cores is None:
+        return None
+    num_train, channels, num_classes = known
+    per_class = int(num_train / num_classes * (1 - cfg.data.valid_fraction))
+    if pcfg.weak_images_per_class is not None:
+        per_class = min(per_class, pcfg.weak_images_per_class)
+    images = len(pcfg.weak_classes) * per_class + pcfg.tc_train_images
+    weak = build_model(ModelConfig(name=pcfg.weak_model, width=pcfg.weak_width),
+                       len(pcfg.weak_classes) + 1, channels, cfg.data.image_size)
+    macs = conv_macs(weak) + head_macs(weak)
+    epochs = pcfg.weak_epochs + (pcfg.overfit_epochs if pcfg.poor_fit else 0)
+    targets = len(pcfg.target_classes or pcfg.strong_classes)
+    rate = TRAIN_MACS_PER_S_PER_CORE * cores
+    seconds = 3 * macs * images * epochs * targets / rate
+    if seconds < threshold_s:
+        return None
+    return (f"estimate: patching takes more than {format_duration(seconds)} on {cores} CPU core(s) "
+            f"(training {targets} weak model(s): {macs / 1e6:,.1f} M MACs/image x 3 (forward + "
+            f"backward) x {images:,} images x {epochs} epochs each at a conservative {rate:.1e} "
+            f"MACs/s); cached weak models are reused, Ctrl-C stops it")

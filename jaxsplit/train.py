@@ -22,7 +22,6 @@ Axes: N examples, B batch, H/W spatial, C image channels, K classes.
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import datetime
 import functools
 import json
@@ -44,6 +43,7 @@ from flax.training import train_state
 from jaxsplit import config as jconfig
 from jaxsplit import data as jdata
 from jaxsplit import pipeline
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models import ConvNet, count_params, init_params
 
 __all__ = [

@@ -21,7 +21,6 @@ from jaxsplit import checkpoint as ckpt
 from jaxsplit import config as jconfig
 from jaxsplit import importance as imp_lib
 from jaxsplit import masks as masks_lib
-from jaxsplit.models.convnet import conv_macs, weak_cnn
 from jaxsplit.search import driver as D
 from jaxsplit.train import train_and_evaluate
 
@@ -186,23 +185,6 @@ def test_checkpoint_round_trip_continues_bit_identically(model_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ckpt.CheckpointExistsError):  # never overwritten
         D.save_search_checkpoint(tmp_path, 2, carry, base, {})
-
-
-def test_module_stats_of_the_summary():
-    """The summary's per-class stats (`extract.stats_from_mask`, what the driver reports)."""
-    from jaxsplit.extract import stats_from_mask
-
-    model = weak_cnn(num_classes=3, in_channels=1, widths=(4, 8), hidden=(16,))
-    spec = model.conv_spec()
-    full = {l.name: np.ones(l.num_kernels, bool) for l in spec.layers}
-    stats = stats_from_mask(model, full)
-    assert stats["kept_fraction"] == stats["params_fraction"] == stats["macs_fraction"] == 1.0
-    half = {"conv_0": np.r_[np.ones(2, bool), np.zeros(2, bool)], "conv_1": np.ones(8, bool)}
-    stats = stats_from_mask(model, half)
-    assert stats["kept_kernels"] == 10
-    expected_conv = conv_macs(model, {"conv_0": 2, "conv_1": 8})
-    assert expected_conv < conv_macs(model)
-    assert 0 < stats["macs_fraction"] < 1 and 0 < stats["params_fraction"] < 1
 
 
 def test_fingerprint_ignores_settings_that_cannot_change_the_result(model_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,7 @@ def _e2e_config(**patch_overrides):
 
 
 def test_run_patch_end_to_end_on_synthetic(tmp_path):
+    from jaxsplit import checkpoint
     from jaxsplit import masks as masks_lib
     from jaxsplit import report
     from jaxsplit import train as jtrain
@@ -287,6 +289,8 @@ def test_run_patch_end_to_end_on_synthetic(tmp_path):
     full = masks_lib.full(spec, (strong.model.num_classes,))
     (run / "modularize").mkdir()
     np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
+    (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
+        "params_sha256": checkpoint.params_digest(strong.params), "class_ids": list(range(5))}}))
 
     res = patch.run_patch(run, cfg, progress=False, verbose=False)
     assert res["target_classes"] == [1, 3] and res["primary_calibration"] == "min_max"
@@ -325,7 +329,7 @@ def test_run_patch_end_to_end_on_synthetic(tmp_path):
         res["per_tc"]["1"]["module_patch"]["platt"]["confusion_matrix"]
 
     text = report.write_report(run).read_text()
-    assert "## Patching" in text and "Per target class" in text and "Not run yet" in text  # no search files
+    assert "## Patching" in text and "Per target class" in text
 
 
 def test_run_patch_needs_masks(tmp_path):

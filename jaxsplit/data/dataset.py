@@ -14,12 +14,13 @@ said so), K classes kept.
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
+
+from jaxsplit.errors import JaxsplitError
 
 __all__ = [
     "DataError",

@@ -24,7 +24,6 @@ This module imports torch; `jaxsplit.interop` itself does not (install the `torc
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 import dataclasses
 import os
 import re
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.interop.torch_models import STYLES, default_style
 from jaxsplit.models.convnet import ConvNet
 

@@ -390,10 +390,8 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     ckpt_root = out_dir / CKPT_DIRNAME
     scfg = cfg.search
     cmd = f"jaxsplit modularize --run {run_dir}"
-    if restart and out_dir.exists():
-        print(f"moved the previous search to {move_aside(out_dir)}")
-    existing = list_checkpoints(ckpt_root)
-    outputs = [n for n in OUTPUT_FILES if (out_dir / n).exists()]
+    existing = [] if restart else list_checkpoints(ckpt_root)
+    outputs = [] if restart else [n for n in OUTPUT_FILES if (out_dir / n).exists()]
     if not resume and (existing or outputs):
         held = "search checkpoints" if existing else ", ".join(outputs)
         raise SearchError(
@@ -426,6 +424,8 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     labels = np.asarray(valid.labels[:num_valid], np.int32)
     classes = np.arange(model.num_classes, dtype=np.int32)
     class_names = list(valid.class_names) if valid.class_names else [str(c) for c in classes]
+    if restart and out_dir.exists():  # only now: a refused restart keeps the old search in place
+        print(f"moved the previous search to {move_aside(out_dir)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, model_desc, params)
     if resume and existing:  # refuse a foreign or corrupt checkpoint before any heavy work

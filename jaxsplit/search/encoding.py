@@ -36,7 +36,6 @@ fallback at decoding time.
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Literal
@@ -48,6 +47,7 @@ import numpy as np
 from flax import struct
 
 from jaxsplit import masks as masks_lib
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.importance import rank as rank_importance
 from jaxsplit.importance import tied_importance
 from jaxsplit.models.convnet import ConvSpec

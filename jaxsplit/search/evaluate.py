@@ -29,8 +29,6 @@ for any other model.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, Protocol
 
@@ -45,7 +43,6 @@ from jaxsplit.models.convnet import ConvNet, ConvSpec, convnet_of
 
 Backend = Literal["reference", "fast", "auto"]
 BACKENDS = ("reference", "fast", "auto")
-FAST_MODULE = "jaxsplit.search.fast_evaluate"
 
 
 class EvaluatorInputError(JaxsplitError, ValueError):
@@ -297,19 +294,10 @@ class ReferenceEvaluator:
         return result
 
 
-def fast_backend_available() -> bool:
-    """Whether `jaxsplit.search.fast_evaluate` can be imported."""
-    try:
-        return importlib.util.find_spec(FAST_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def default_backend(platform: str) -> Literal["reference", "fast"]:
     """The backend "auto" picks on a JAX platform ("cpu", "gpu", "tpu", ...).
 
-    Rule: "fast" when the fast backend module exists and the platform is CPU;
-    "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
+    Rule: "fast" on CPU, "reference" otherwise. Measured on 2 shared CPU cores (AVX-512, jax
     0.10, `benchmarks/fast_evaluator_probe.py`, 50% of kernels kept, same
     process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
     reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
@@ -319,7 +307,7 @@ def default_backend(platform: str) -> Literal["reference", "fast"]:
     (small kernels, host-side planning), where the vmapped reference is
     expected to use an accelerator better.
     """
-    if platform == "cpu" and fast_backend_available():
+    if platform == "cpu":
         return "fast"
     return "reference"
 
@@ -344,8 +332,7 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
         `cache_bytes`, ...), used when the backend is "fast" (ignored by "reference").
 
     Raises:
-      EvaluatorBackendError: unknown backend, "fast" for a model that is not a
-        ConvNet, or "fast" when its module is missing.
+      EvaluatorBackendError: unknown backend, or "fast" for a model that is not a ConvNet.
     """
     if backend not in BACKENDS:
         raise EvaluatorBackendError(f"unknown evaluator backend {backend!r}; expected one of {BACKENDS}")
@@ -359,11 +346,8 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
         raise EvaluatorBackendError(
             f"evaluator backend 'fast' is written for jaxsplit.models.ConvNet only, got "
             f"{type(target).__name__}; use backend='reference' or 'auto'")
-    if not fast_backend_available():
-        raise EvaluatorBackendError(
-            f"evaluator backend 'fast' needs the module {FAST_MODULE}, which is not installed; "
-            f"use backend='reference' or 'auto'")
-    fast = importlib.import_module(FAST_MODULE)
+    from jaxsplit.search import fast_evaluate as fast  # late: it imports this module
+
     return fast.make_fast_evaluator(target, chunk_individuals=chunk_individuals,
                                     chunk_images=chunk_images, **fast_options)
 

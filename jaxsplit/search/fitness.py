@@ -52,7 +52,6 @@ evosax (which minimises).
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -60,6 +59,8 @@ import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from jaxsplit.errors import JaxsplitError
 
 # Reference acc thresholds per ensemble size (CNNSplitter configures/*_cifar10.py, *_svhn.py).
 REFERENCE_THRESHOLDS: dict[int, float] = {2: 0.95, 4: 0.95, 8: 0.85, 10: 0.80}

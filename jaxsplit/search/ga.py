@@ -27,7 +27,6 @@ a leading class axis: one compiled step for the `(C, P, G)` populations.
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Literal
@@ -42,6 +41,8 @@ from evosax.algorithms.population_based.base import (
 from evosax.core.fitness_shaping import identity_fitness_shaping_fn
 from evosax.types import Fitness, Population, Solution
 from flax import struct
+
+from jaxsplit.errors import JaxsplitError
 
 Mutation = Literal["random", "flip"]
 

@@ -70,7 +70,6 @@ Running on several devices:
 
 from __future__ import annotations
 
-from jaxsplit.errors import JaxsplitError
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -82,6 +81,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet
 from jaxsplit.search.evaluate import Backend, Evaluator, check_eval_inputs, make_evaluator
 
