@@ -276,7 +276,7 @@ def _jax_point(model, params, backend: str, masks_list, images, classes) -> dict
     evaluate_fn = uncached_evaluator(model, backend)
     x, cls = jnp.asarray(images), jnp.asarray(classes)
     trace = (lambda: evaluate_fn.num_traces) if hasattr(evaluate_fn, "num_traces") else None
-    r = timed_calls(lambda m: block(evaluate_fn(params, m, x, cls)), masks_list,
+    r = timed_calls(lambda m: block(evaluate_fn({"params": params}, m, x, cls)), masks_list,
                     trace_count=trace, warm_all=False)
     r["first_output"] = np.asarray(r["first_output"])
     return r
@@ -418,7 +418,7 @@ def memory_child(spec: Mapping[str, Any]) -> dict[str, Any]:
         x, cls = jnp.asarray(images), jnp.asarray(classes)
 
         def call():
-            block(evaluate_fn(params, masks, x, cls))
+            block(evaluate_fn({"params": params}, masks, x, cls))
     base = _status_mib("VmRSS")
     call()
     with_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -552,7 +552,7 @@ def bench_generation(plan: Mapping[str, Any], log) -> list[dict[str, Any]]:
         bits = D.initial_population(jax.random.key(1), problem, cfg.population_size, settings)
         carry = D.init_carry(jax.random.key(2), problem, bits)
         place = input_placement(evaluate_fn)
-        dev_params = D._strong(params, place)
+        dev_params = D._strong({"params": params}, place)
         dev = D._strong((images, labels, classes), place)
         step = D.make_step(problem)
         times = []

@@ -147,7 +147,7 @@ def main() -> None:
             dev_images, dev_classes = jnp.asarray(images), jnp.asarray(classes)
 
             def run(m, evaluate_fn=evaluate_fn):
-                return np.asarray(evaluate_fn(params, m, dev_images, dev_classes))
+                return np.asarray(evaluate_fn({"params": params}, m, dev_images, dev_classes))
             label = f"jaxsplit {backend}" + (f" ({evaluate_fn.num_workers} workers)"
                                               if backend.startswith("fast") else "")
         t0 = time.perf_counter()

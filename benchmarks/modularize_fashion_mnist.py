@@ -76,10 +76,10 @@ def compare_backends(run_dir: Path, cfg: jconfig.Config) -> dict:
         masks = problem.decode(problem.phenotype(problem.strategy.from_bits(bits)))
         x = jax.numpy.asarray(images)
         t = time.perf_counter()
-        jax.block_until_ready(evaluate_fn(params, masks, x, classes))
+        jax.block_until_ready(evaluate_fn({"params": params}, masks, x, classes))
         first = time.perf_counter() - t
         t = time.perf_counter()
-        jax.block_until_ready(evaluate_fn(params, masks, x, classes))
+        jax.block_until_ready(evaluate_fn({"params": params}, masks, x, classes))
         steady = time.perf_counter() - t
         count = model.num_classes * (scfg.population_size + 1) * n
         out[backend] = {"first_call_s": round(first, 2), "steady_s": round(steady, 2),

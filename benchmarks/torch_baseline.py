@@ -268,8 +268,9 @@ def torch_logit_table(model: ConvNet, state_dict: Mapping[str, torch.Tensor],
 class TorchLoopEvaluator:
     """The PyTorch loop behind jaxsplit's evaluator contract (for side-by-side use).
 
-    `evaluate_fn(params, masks, images, classes) -> L (C, P, N)` numpy; the params are
-    exported once per params object (`params_to_state_dict`) and cached.
+    `evaluate_fn(variables, masks, images, classes) -> L (C, P, N)` numpy (`variables`:
+    `{"params": params}`, or the inner params); the params are exported once per params object
+    (`params_to_state_dict`) and cached.
     """
 
     def __init__(self, model: ConvNet, *, batch_size: int = DEFAULT_BATCH_SIZE):
@@ -278,6 +279,8 @@ class TorchLoopEvaluator:
         self._cache: tuple[Any, Mapping[str, torch.Tensor]] | None = None
 
     def __call__(self, params, masks, images, classes) -> np.ndarray:
+        if isinstance(params, Mapping) and set(params) == {"params"}:
+            params = params["params"]
         if self._cache is None or self._cache[0] is not params:
             self._cache = (params, params_to_state_dict(params, self.model))
         return torch_logit_table(self.model, self._cache[1], masks, images, classes,

@@ -69,10 +69,12 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from jaxsplit.errors import JaxsplitError
+
 __all__ = ["Consumer", "Graph", "GraphError", "Site", "trace"]
 
 
-class GraphError(ValueError):
+class GraphError(JaxsplitError, ValueError):
     """A model whose kernels cannot be removed exactly (names the op and the variables)."""
 
 

@@ -96,6 +96,19 @@ def test_end_to_end_search_beats_chance(searched):
     assert history["compile_time_s"] > 0 and all(h["time_s"] > 0 for h in gens)
     with np.load(out / "importance.npz") as z:
         assert z["conv_0"].shape == (NUM_CLASSES, spec.layer("conv_0").num_kernels)
+    # the same masks as a Modules file, for the traced graph of the run's model
+    from functools import partial
+
+    from jaxsplit.graph import trace
+    from jaxsplit.modularize import Modules
+
+    params = ckpt.load_model(run)[1]
+    graph = trace(partial(model.apply, train=False), {"params": params}, model.dummy_input())
+    modules = Modules.load(out / D.MODULES_FILE, graph)
+    for k in spec.names:
+        np.testing.assert_array_equal(modules.masks[k], masks[k])
+    assert modules.class_names == tuple(r["name"] for r in summary["per_class"])
+    assert len(modules.history) == len(gens)
 
 
 def test_keeps_the_latest_two_checkpoints_and_refuses_to_overwrite(searched):
@@ -159,13 +172,13 @@ def test_checkpoint_round_trip_continues_bit_identically(model_dir, tmp_path):
     step = D.make_step(problem)
     carry, metrics = fresh(), []
     for g in range(5):
-        carry, m = step(D._strong(carry), D.generation_key(base, g), params, images, labels, classes)
+        carry, m = step(D._strong(carry), D.generation_key(base, g), {"params": params}, images, labels, classes)
         metrics.append(D._to_host(m))
         if g == 1:
             path = D.save_search_checkpoint(tmp_path, 2, carry, base, {"fingerprint": {}})
     resumed, _ = D.load_search_checkpoint(path, jax.eval_shape(fresh), base, {})
     for g in range(2, 5):
-        resumed, m = step(D._strong(resumed), D.generation_key(base, g), params, images, labels,
+        resumed, m = step(D._strong(resumed), D.generation_key(base, g), {"params": params}, images, labels,
                           classes)
         assert D._to_host(m) == metrics[g]
     for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(resumed)):

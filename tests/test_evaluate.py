@@ -52,7 +52,7 @@ def test_reference_matches_per_individual_loop(setup):
     for chunk_individuals, chunk_images in ((4, 5), (1, 23), (100, 1000)):
         evaluate_fn = E.make_evaluator(model, "reference", chunk_individuals=chunk_individuals,
                                        chunk_images=chunk_images)
-        L = evaluate_fn(params, masks, images, classes)
+        L = evaluate_fn({"params": params}, masks, images, classes)
         assert L.shape == (C, P, N) and L.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(L), expected, atol=1e-5, rtol=1e-5)
 
@@ -60,13 +60,13 @@ def test_reference_matches_per_individual_loop(setup):
 def test_single_trace_per_shape(setup):
     model, params, masks, images, classes = setup
     evaluate_fn = E.ReferenceEvaluator(model, chunk_individuals=4, chunk_images=5)
-    evaluate_fn(params, masks, images, classes)
+    evaluate_fn({"params": params}, masks, images, classes)
     other = random_masks(model, jax.random.key(7), 0.3)
-    L = evaluate_fn(params, other, images + 1.0, classes[::-1])
+    L = evaluate_fn({"params": params}, other, images + 1.0, classes[::-1])
     assert evaluate_fn.num_traces == 1
     np.testing.assert_allclose(
         np.asarray(L), loop_reference(model, params, other, images + 1.0, classes[::-1]), atol=1e-5)
-    evaluate_fn(params, masks, images[:10], classes)  # a new N is a new shape
+    evaluate_fn({"params": params}, masks, images[:10], classes)  # a new N is a new shape
     assert evaluate_fn.num_traces == 2
 
 
@@ -75,17 +75,17 @@ def test_bad_inputs_raise_naming_shapes(setup):
     evaluate_fn = E.make_evaluator(model, "reference", chunk_individuals=4, chunk_images=5)
     flat = {k: v[0] for k, v in masks.items()}
     with pytest.raises(E.EvaluatorInputError, match=r"\(C, P, 4\).*\(7, 4\)"):
-        evaluate_fn(params, flat, images, classes)
+        evaluate_fn({"params": params}, flat, images, classes)
     with pytest.raises(E.EvaluatorInputError, match=r"classes.*\(2,\).*\(3,\)"):
-        evaluate_fn(params, masks, images, classes[:2])
+        evaluate_fn({"params": params}, masks, images, classes[:2])
     with pytest.raises(E.EvaluatorInputError, match=r"images.*\(23, 8, 8, 3\).*\(N, 8, 8, 1\)"):
-        evaluate_fn(params, masks, jnp.tile(images, (1, 1, 1, 3)), classes)
+        evaluate_fn({"params": params}, masks, jnp.tile(images, (1, 1, 1, 3)), classes)
     with pytest.raises(E.EvaluatorInputError, match=r"\[0, 2, 5\].*\[0, 5\)"):
-        evaluate_fn(params, masks, images, jnp.array([0, 2, 5], jnp.int32))
+        evaluate_fn({"params": params}, masks, images, jnp.array([0, 2, 5], jnp.int32))
     bad = dict(masks)
     bad["conv_0"] = bad["conv_0"][:, :5]
     with pytest.raises(E.EvaluatorInputError, match=r"'conv_0': \(3, 5\), 'conv_1': \(3, 7\)"):
-        evaluate_fn(params, bad, images, classes)
+        evaluate_fn({"params": params}, bad, images, classes)
     with pytest.raises(E.EvaluatorInputError, match="chunk_images"):
         E.ReferenceEvaluator(model, chunk_images=0)
 
@@ -106,16 +106,40 @@ def test_backend_selection(setup):
 def test_auto_backend_gives_the_reference_values(setup):
     model, params, masks, images, classes = setup
     L_auto = E.make_evaluator(model, "auto", chunk_individuals=4, chunk_images=5)(
-        params, masks, images, classes)
+        {"params": params}, masks, images, classes)
     np.testing.assert_allclose(np.asarray(L_auto), loop_reference(*setup), atol=1e-4, rtol=1e-4)
 
 
 def test_evaluator_feeds_the_fitness(setup):
     model, params, masks, images, classes = setup
-    L = E.make_evaluator(model, chunk_individuals=8, chunk_images=8)(params, masks, images, classes)
+    L = E.make_evaluator(model, chunk_individuals=8, chunk_images=8)({"params": params}, masks, images, classes)
     labels = jnp.asarray(np.resize(np.asarray(classes), N))
     fparams = F.FitnessParams.create(min_kept=2, max_kept=6)
     flat = M.flatten(masks, model.conv_spec())
     score, info = F.cooperative_fitness(jax.random.key(0), L, flat, labels, classes, 0.9, fparams)
     assert score.shape == (C, P)
     assert np.all(np.isfinite(np.asarray(score))) and float(info.best_fitness) > 0
+
+
+def test_any_traced_model_through_masked_apply(setup):
+    """The reference backend over `jaxsplit.masked_apply(trace(...))` equals the ConvNet's own
+    masked apply bit for bit; "auto" is the reference backend for a graph; "fast" refuses it."""
+    from functools import partial
+
+    from jaxsplit.graph import trace
+
+    model, params, masks, images, classes = setup
+    variables = {"params": params}
+    apply_fn = partial(model.apply, train=False)
+    graph = trace(apply_fn, variables, images[:1])
+    masked_fn = E.masked_apply_of(graph, apply_fn)
+    generic = E.make_evaluator(graph, "auto", masked_fn=masked_fn, chunk_individuals=4,
+                               chunk_images=5)
+    assert isinstance(generic, E.ReferenceEvaluator) and generic.graph is graph
+    own = E.make_evaluator(model, "reference", chunk_individuals=4, chunk_images=5)
+    np.testing.assert_array_equal(np.asarray(generic(variables, masks, images, classes)),
+                                  np.asarray(own(variables, masks, images, classes)))
+    with pytest.raises(E.EvaluatorBackendError, match="ConvNet only"):
+        E.make_evaluator(graph, "fast", masked_fn=masked_fn)
+    with pytest.raises(E.EvaluatorInputError, match="full variables dict"):
+        generic(params, masks, images, classes)

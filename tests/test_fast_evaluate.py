@@ -79,7 +79,7 @@ def cases():
 
 def reference_L(model, params, masks, images, classes) -> np.ndarray:
     evaluate_fn = E.make_evaluator(model, "reference", chunk_individuals=6, chunk_images=32)
-    return np.asarray(evaluate_fn(params, masks, images, classes))
+    return np.asarray(evaluate_fn({"params": params}, masks, images, classes))
 
 
 def assert_close(L, ref):
@@ -101,11 +101,11 @@ def test_matches_the_reference_backend(cases, name, share):
     fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8,
                                   share_first_conv=share)
     assert fast.share_first_conv == share
-    L = fast(params, masks, images, classes)
+    L = fast({"params": params}, masks, images, classes)
     assert L.shape == (C, P, N) and L.dtype == jnp.float32
     assert_close(L, ref)
     if name == "residual":  # inside an outer jit: the traced fallback (full-size buckets)
-        assert_close(jax.jit(fast)(params, masks, images, classes), ref)
+        assert_close(jax.jit(fast)({"params": params}, masks, images, classes), ref)
 
 
 def test_chunking_and_buckets_do_not_change_values(cases):
@@ -119,7 +119,7 @@ def test_chunking_and_buckets_do_not_change_values(cases):
         fast = FE.make_fast_evaluator(model, chunk_individuals=chunk_individuals,
                                       chunk_images=chunk_images, num_buckets=num_buckets,
                                       num_workers=num_workers)
-        tables.append(np.asarray(fast(params, masks, images, classes)))
+        tables.append(np.asarray(fast({"params": params}, masks, images, classes)))
         assert_close(tables[-1], ref)
     np.testing.assert_array_equal(tables[2], tables[3])  # threads do not change a bit
 
@@ -129,10 +129,10 @@ def test_new_params_are_used(cases):
     model, params, images, classes = cases["residual"]
     masks = random_masks(model, 0.6, 9)
     fast = FE.make_fast_evaluator(model)
-    assert_close(fast(params, masks, images, classes), reference_L(model, params, masks, images,
+    assert_close(fast({"params": params}, masks, images, classes), reference_L(model, params, masks, images,
                                                                   classes))
     other = random_params(model, 99)
-    assert_close(fast(other, masks, images, classes), reference_L(model, other, masks, images,
+    assert_close(fast({"params": other}, masks, images, classes), reference_L(model, other, masks, images,
                                                                  classes))
 
 
@@ -146,7 +146,7 @@ def test_untied_and_empty_layers_follow_the_reference(cases):
     masks["conv_2"] = masks["conv_2"].at[2, 1].set(False)
     ref = reference_L(model, params, masks, images, classes)
     L = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)(
-        params, masks, images, classes)
+        {"params": params}, masks, images, classes)
     assert_close(L, ref)
 
 
@@ -205,18 +205,18 @@ def test_one_trace_per_bucket_shape(cases):
         return {"conv_0": np.full((C, P), a), "conv_1": np.full((C, P), b),
                 "conv_2": np.full((C, P), c)}
 
-    L = fast(params, masks_from_counts(model, counts(5, 9, 17), 0), images, classes)
+    L = fast({"params": params}, masks_from_counts(model, counts(5, 9, 17), 0), images, classes)
     first = dict(fast.trace_counts)
     # one trace per shape: the shared first conv, the first block (B 8), the head, and the
     # conv blocks of conv_1 (B 8 -> 16) and conv_2 (16 -> 24) (one jitted function, two shapes)
     assert first == {"first_preactivation": 1, "first_block/pool=True": 1, "head": 1,
                      "conv_block/conv/pool=True/residual=False": 2}
     # other kernels, other counts, same buckets: nothing new to compile
-    L2 = fast(params, masks_from_counts(model, counts(8, 15, 24), 1), images, classes)
+    L2 = fast({"params": params}, masks_from_counts(model, counts(8, 15, 24), 1), images, classes)
     assert dict(fast.trace_counts) == first
     assert not np.allclose(np.asarray(L), np.asarray(L2))
     # conv_2 in a new bucket (25 -> 32): its block and the head retrace, nothing else
-    fast(params, masks_from_counts(model, counts(8, 15, 25), 2), images, classes)
+    fast({"params": params}, masks_from_counts(model, counts(8, 15, 25), 2), images, classes)
     new = {k: v - first.get(k, 0) for k, v in fast.trace_counts.items() if v != first.get(k, 0)}
     assert new == {"conv_block/conv/pool=True/residual=False": 1, "head": 1}
     # mixed buckets within one call: one trace per new shape only
@@ -224,7 +224,7 @@ def test_one_trace_per_bucket_shape(cases):
     mixed["conv_0"][0, 0] = 1  # bucket 8 as before
     mixed["conv_1"][1, 2] = 16  # bucket 16 (seen)
     before = fast.num_traces
-    L3 = fast(params, masks_from_counts(model, mixed, 3), images, classes)
+    L3 = fast({"params": params}, masks_from_counts(model, mixed, 3), images, classes)
     assert fast.num_traces == before
     assert_close(L3, reference_L(model, params, masks_from_counts(model, mixed, 3), images,
                                  classes))
@@ -242,7 +242,7 @@ def test_shared_first_conv_traces_once_per_width(cases):
         counts = {"conv_0": np.full((C, P), a), "conv_1": np.full((C, P), b),
                   "conv_2": np.full((C, P), c)}
         masks = masks_from_counts(model, counts, seed)
-        assert_close(fast(params, masks, images, classes),
+        assert_close(fast({"params": params}, masks, images, classes),
                      reference_L(model, params, masks, images, classes))
     assert fast.trace_counts["shared_first_conv"] == 2  # B1 = 16 (9 and 16 kept) and 8 (4 kept)
     assert fast.trace_counts["take_channels/16"] == 1 and fast.trace_counts["take_channels/8"] == 1
@@ -258,12 +258,12 @@ def test_rows_do_not_depend_on_the_other_modules(cases):
         for share in (False, True):
             fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=8,
                                           share_first_conv=share, cache_bytes=0)
-            base = np.asarray(fast(params, masks, images, classes))
+            base = np.asarray(fast({"params": params}, masks, images, classes))
             perm = np.random.default_rng(1).permutation(P)
-            shuffled = np.asarray(fast(params, {k: v[:, perm] for k, v in masks.items()},
+            shuffled = np.asarray(fast({"params": params}, {k: v[:, perm] for k, v in masks.items()},
                                        images, classes))
             np.testing.assert_array_equal(shuffled[:, np.argsort(perm)], base)
-            alone = np.asarray(fast(params, {k: v[1:2, 2:3] for k, v in masks.items()}, images,
+            alone = np.asarray(fast({"params": params}, {k: v[1:2, 2:3] for k, v in masks.items()}, images,
                                     classes[1:2]))
             np.testing.assert_array_equal(alone[0, 0], base[1, 2])
 
@@ -273,24 +273,24 @@ def test_row_cache_reuses_repeated_modules(cases):
     masks = random_masks(model, 0.5, 12)
     fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)
     plain = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8, cache_bytes=0)
-    first = np.asarray(fast(params, masks, images, classes))
+    first = np.asarray(fast({"params": params}, masks, images, classes))
     assert fast.cache_stats == {"misses": C * P, "hits": 0}
     # the next "generation": two rows kept, one duplicated inside the call, the rest new
     new = random_masks(model, 0.5, 13)
     nxt = {k: new[k].at[:, 0].set(masks[k][:, 2]).at[:, 1].set(masks[k][:, 3])
            .at[:, 3].set(new[k][:, 2]) for k in masks}
-    second = np.asarray(fast(params, nxt, images, classes))
+    second = np.asarray(fast({"params": params}, nxt, images, classes))
     # rows run: one per class (column 2; column 3 is its copy); the other three are reused
     assert fast.cache_stats["hits"] == 3 * C and fast.cache_stats["misses"] == C * P + C
-    np.testing.assert_array_equal(second, np.asarray(plain(params, nxt, images, classes)))
+    np.testing.assert_array_equal(second, np.asarray(plain({"params": params}, nxt, images, classes)))
     np.testing.assert_array_equal(second[:, :2], first[:, 2:4])
     assert plain.cache_stats["hits"] == 0
     # other params (or other images): nothing reused
     other = random_params(model, 98)
-    assert_close(fast(other, nxt, images, classes), reference_L(model, other, nxt, images, classes))
+    assert_close(fast({"params": other}, nxt, images, classes), reference_L(model, other, nxt, images, classes))
     assert fast.cache_stats["hits"] == 4 * C  # only the copy inside the call
     # the same class with the same mask but another class row is another module
-    swapped = np.asarray(fast(other, nxt, images, classes[::-1]))
+    swapped = np.asarray(fast({"params": other}, nxt, images, classes[::-1]))
     assert_close(swapped, reference_L(model, other, nxt, images, classes[::-1]))
 
 
@@ -299,13 +299,13 @@ def test_bad_inputs_raise(cases):
     masks = random_masks(model, 0.5, 0)
     fast = E.make_evaluator(model, "fast", chunk_individuals=4, chunk_images=5)
     with pytest.raises(E.EvaluatorInputError, match=r"\(C, P, 12\)"):
-        fast(params, {k: v[0] for k, v in masks.items()}, images, classes)
+        fast({"params": params}, {k: v[0] for k, v in masks.items()}, images, classes)
     with pytest.raises(E.EvaluatorInputError, match=r"classes.*\(2,\).*\(3,\)"):
-        fast(params, masks, images, classes[:2])
+        fast({"params": params}, masks, images, classes[:2])
     with pytest.raises(E.EvaluatorInputError, match=r"images.*\(N, 8, 8, 2\)"):
-        fast(params, masks, images[..., :1], classes)
+        fast({"params": params}, masks, images[..., :1], classes)
     with pytest.raises(E.EvaluatorInputError, match=r"\[0, 1, 7\].*\[0, 5\)"):
-        fast(params, masks, images, jnp.array([0, 1, 7], jnp.int32))
+        fast({"params": params}, masks, images, jnp.array([0, 1, 7], jnp.int32))
     for bad in ({"chunk_images": 0}, {"chunk_individuals": 1.5}, {"num_buckets": 0},
                 {"num_workers": 0}, {"cache_bytes": -1}):
         with pytest.raises(E.EvaluatorInputError, match=next(iter(bad))):
@@ -359,10 +359,10 @@ def test_search_step_with_the_fast_backend(cases, tmp_path):
     step = D.make_step(problem)
     assert isinstance(step, D.HostEvaluatedStep)
     compiled = D.compile_step(step, D.init_carry(k_init, problem, bits), D.generation_key(base, 0),
-                              params, images, labels, classes)
+                              {"params": params}, images, labels, classes)
     carry, metrics = D.init_carry(k_init, problem, bits), []
     for g in range(3):
-        carry, m = compiled(D._strong(carry), D.generation_key(base, g), params, images, labels,
+        carry, m = compiled(D._strong(carry), D.generation_key(base, g), {"params": params}, images, labels,
                             classes)
         metrics.append(D._to_host(m))
         if g == 0:
@@ -373,7 +373,7 @@ def test_search_step_with_the_fast_backend(cases, tmp_path):
     resumed, _ = D.load_search_checkpoint(path, template, base, {})
     problem.evaluate_fn._cache.clear()  # ... which a resumed run starts without
     for g in range(1, 3):
-        resumed, m = step(D._strong(resumed), D.generation_key(base, g), params, images, labels,
+        resumed, m = step(D._strong(resumed), D.generation_key(base, g), {"params": params}, images, labels,
                           classes)
         assert D._to_host(m) == metrics[g]
     for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(resumed)):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxsplit import importance as I
-from jaxsplit.models.convnet import activations, init_params, rescnn, weak_cnn
+from jaxsplit.models.convnet import activations, init_params, random_params, rescnn, weak_cnn
 
 NUM_CLASSES = 3
 
@@ -166,3 +166,111 @@ def test_bad_inputs_raise(tiny):
         I.kernel_importance(model, params, images, labels, confidence=1.5)
     with pytest.raises(I.ImportanceError, match="ratios"):
         I.layer_sensitivity(model, params, images, labels, {}, ratios=(0.0, 1.0))
+
+
+def _naive_from_maps(maps_fn, images, labels, num_classes, confidence):
+    """Per-image loop: mean over confident correct images of each class of the maps' spatial sums
+    (`maps_fn(x) -> (logits (C,), {site: (H, W, K)})`)."""
+    sums, counts = {}, np.zeros(num_classes)
+    for x, y in zip(images, labels):
+        logits, maps = maps_fn(x)
+        logits = np.asarray(logits, np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if np.argmax(logits) != y or probs[y] < confidence:
+            continue
+        counts[y] += 1
+        for name, a in maps.items():
+            s = np.asarray(a, np.float64).sum(axis=(0, 1))
+            sums.setdefault(name, np.zeros((num_classes, s.size)))[y] += s
+    return {n: v / np.maximum(counts, 1)[:, None] for n, v in sums.items()}, counts
+
+
+def test_rescnn_block_output_is_the_reference_rule():
+    """ResCNN's default: each block's output after its pool, and for a residual pair the map
+    after the add, one array for both members (the reference's `extract_feature_map_L1`)."""
+    model = rescnn(num_classes=2, in_channels=1, width=1 / 32)
+    params = random_params(model, 3)
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(10, 32, 32, 1)).astype(np.float32)
+    logits_all = np.asarray(model.apply({"params": params}, images))
+    labels = logits_all.argmax(-1).astype(np.int32)  # every image correct
+    pairs = {f"conv_{d}": f"conv_{s}" for d, s in ((3, 1), (7, 5), (11, 9))}
+
+    @jax.jit
+    def block_outputs(x):  # the reference's forward, block by block
+        h, outs, maps = jnp.asarray(x[None]), [], {}
+        for i, layer in enumerate(model.convs):
+            p = params[f"conv_{i}"]
+            h = jax.lax.conv_general_dilated(h, p["kernel"], (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            h = jax.nn.relu(h + p["bias"])
+            if layer.pool:
+                h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                          "VALID")
+            if layer.residual_from is not None:
+                h = h + outs[layer.residual_from]
+            outs.append(h)
+            maps[f"conv_{i}"] = h[0]
+        for dst, src in pairs.items():
+            maps[src] = maps[dst]
+        return model.apply({"params": params}, x[None])[0], maps
+
+    expected, counts = _naive_from_maps(block_outputs, images, labels, 2, 0.0)
+    assert I.default_measure(model) == "block_output"
+    result = I.kernel_importance(model, params, images, labels, confidence=0.0)
+    np.testing.assert_array_equal(result.num_confident, counts)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.importance[name], value, rtol=1e-4, atol=1e-5)
+    for dst, src in pairs.items():
+        np.testing.assert_array_equal(result.importance[src], result.importance[dst])
+    act = I.kernel_importance(model, params, images, labels, confidence=0.0, measure="activation")
+    same = [n for n in act.importance if np.array_equal(act.importance[n], result.importance[n])]
+    assert sorted(same) == ["conv_0", "conv_10", "conv_2", "conv_6"]  # no pool, no residual add
+
+
+def test_importance_of_any_traced_model():
+    """A BatchNorm model (ReLU, then GELU) with global average pooling: both measures read from
+    the jaxpr equal the maps the model sows (the model's computation is unchanged by `sow`)."""
+    import flax.linen as nn
+
+    from jaxsplit.graph import trace
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i, (width, act) in enumerate(((5, nn.relu), (7, nn.gelu))):
+                x = nn.Conv(width, (3, 3), name=f"conv{i}")(x)
+                x = nn.BatchNorm(use_running_average=True, name=f"bn{i}")(x)
+                x = act(x)
+                self.sow("intermediates", f"act{i}", x)
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                self.sow("intermediates", f"out{i}", x)
+            return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+    net = Net()
+    variables = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    variables = {"params": variables["params"],
+                 "batch_stats": jax.tree_util.tree_map(lambda v: v + 0.2, variables["batch_stats"])}
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(12, 8, 8, 1)).astype(np.float32)
+    labels = np.asarray(net.apply(variables, images)).argmax(-1).astype(np.int32)
+    graph = trace(net.apply, variables, images[:1])
+    assert I.default_measure(None) == "activation"
+    for measure, tag in (("activation", "act"), ("block_output", "out")):
+        @jax.jit
+        def sown(x, tag=tag):
+            logits, st = net.apply(variables, x[None], mutable=["intermediates"])
+            inter = st["intermediates"]
+            return logits[0], {f"conv{i}": inter[f"{tag}{i}"][0][0] for i in range(2)}
+
+        expected, counts = _naive_from_maps(sown, images, labels, 3, 0.0)
+        result = I.kernel_importance(net.apply, variables, images, labels, confidence=0.0,
+                                     measure=measure, graph=graph)
+        np.testing.assert_array_equal(result.num_confident, counts)
+        for name, value in expected.items():
+            np.testing.assert_allclose(result.importance[name], value, rtol=1e-4, atol=1e-5)
+    with pytest.raises(I.ImportanceError, match="measure must be one of"):
+        I.kernel_importance(net.apply, variables, images, labels, graph=graph, measure="pre_pool")
+    with pytest.raises(I.ImportanceError, match="needs its kernel graph"):
+        I.kernel_importance(net.apply, variables, images, labels)

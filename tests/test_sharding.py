@@ -53,11 +53,11 @@ CHILD = textwrap.dedent(r"""
     out["backends"] = {}
     for backend in backends:
         single = E.make_evaluator(model, backend, chunk_individuals=4, chunk_images=5)
-        L1 = np.asarray(single(params, masks, images, classes))
+        L1 = np.asarray(single({"params": params}, masks, images, classes))
         sharded = S.make_sharded_evaluator(model, backend, chunk_individuals=4, chunk_images=5)
-        L4 = sharded(params, masks, images, classes)
+        L4 = sharded({"params": params}, masks, images, classes)
         # inside an outer jit, with the inputs placed on the mesh (as the driver does)
-        placed = jax.device_put((params, masks, images, classes), sharded.replicated)
+        placed = jax.device_put(({"params": params}, masks, images, classes), sharded.replicated)
         L4j = jax.jit(lambda *a: sharded(*a))(*placed)
         out["backends"][backend] = {
             "shape": list(L4.shape), "num_devices": sharded.num_devices,
@@ -90,7 +90,7 @@ CHILD = textwrap.dedent(r"""
         hist = []
         for g in range(2):
             carry, metrics = step(D._strong(carry, place), jax.random.key(10 + g),
-                                  D._strong(params, place),
+                                  D._strong({"params": params}, place),
                                   *D._strong((images, labels, classes), place))
             hist.append({k: np.asarray(v).tolist() for k, v in metrics.items()})
         runs[name] = {"history": hist, "best_bits": np.asarray(carry.best_bits).tolist()}
@@ -160,12 +160,12 @@ def tiny():
 
 def test_one_device_mesh_is_identity(tiny):
     model, params, masks, images, classes = tiny
-    L1 = E.make_evaluator(model, "reference")(params, masks, images, classes)
+    L1 = E.make_evaluator(model, "reference")({"params": params}, masks, images, classes)
     sharded = S.make_sharded_evaluator(model, "reference", devices=jax.devices()[:1])
-    np.testing.assert_allclose(np.asarray(sharded(params, masks, images, classes)),
+    np.testing.assert_allclose(np.asarray(sharded({"params": params}, masks, images, classes)),
                                np.asarray(L1), atol=1e-6)
     assert sharded.num_traces == 1
-    sharded(params, masks, images, classes)
+    sharded({"params": params}, masks, images, classes)
     assert sharded.num_traces == 1  # compiled once per shapes
 
 
@@ -191,6 +191,6 @@ def test_bad_inputs_have_clear_errors(tiny):
     sharded = S.shard_evaluator(E.make_evaluator(model, "reference"), model=model)
     flat = {k: v[0] for k, v in masks.items()}  # missing the P axis
     with pytest.raises(E.EvaluatorInputError, match=r"\(C, P"):
-        sharded(params, flat, images, classes)
+        sharded({"params": params}, flat, images, classes)
     with pytest.raises(Exception, match="search.shard"):
         SearchConfig(shard="yes")

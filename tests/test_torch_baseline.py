@@ -66,7 +66,7 @@ def test_torch_loop_equals_reference_evaluator(name):
         np.float32)
     classes = np.array([4, 0, 2], np.int32)
     L_jax = np.asarray(E.make_evaluator(model, "reference")(
-        params, {k: jnp.asarray(v) for k, v in masks.items()}, jnp.asarray(images),
+        {"params": params}, {k: jnp.asarray(v) for k, v in masks.items()}, jnp.asarray(images),
         jnp.asarray(classes)))
     state_dict = params_to_state_dict(params, model)  # "rescnn" naming for ResCNN
     timings = {}

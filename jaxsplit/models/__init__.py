@@ -10,6 +10,7 @@ from jaxsplit.models.convnet import (
     ModelInputError,
     activations,
     conv_macs,
+    convnet_of,
     count_params,
     head_macs,
     init_params,
@@ -50,7 +51,7 @@ def build_model(name: str, **kwargs):
 __all__ = [
     "BasicBlock", "ConvLayerDef", "ConvLayerSpec", "ConvNet", "ConvSpec", "MODEL_FACTORIES",
     "ModelInputError", "ResNet", "ResNetStage", "VGG", "activations", "as_variables",
-    "build_model", "conv_macs", "count_params", "has_state", "head_macs", "inference_apply",
+    "build_model", "conv_macs", "convnet_of", "count_params", "has_state", "head_macs", "inference_apply",
     "init_params", "init_variables", "is_variables", "random_params", "rescnn", "resnet18",
     "resnet20", "simcnn", "variable_collections", "vgg11_bn", "weak_cnn",
 ]

@@ -393,6 +393,18 @@ def random_params(model: ConvNet, seed: int) -> dict:
     return jax.tree_util.tree_map(draw, shapes)
 
 
+def convnet_of(apply_fn) -> ConvNet | None:
+    """The `ConvNet` behind `apply_fn` (its bound `apply`, or a `functools.partial` of it), else
+    None. Lets generic code pick ConvNet-only fast paths (e.g. the "fast" evaluator)."""
+    import functools  # local: needed nowhere else here
+
+    fn = apply_fn
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, ConvNet) else None
+
+
 def activations(model: ConvNet, params, x: jax.Array,
                 masks: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
     """Logits and every conv layer's post-ReLU activation in one forward pass.

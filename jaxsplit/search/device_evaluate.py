@@ -78,7 +78,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit.models.convnet import ConvNet, conv_macs, head_macs
-from jaxsplit.search.evaluate import EvaluatorInputError, _chunks, check_eval_inputs
+from jaxsplit.search.evaluate import (
+    EvaluatorInputError,
+    _chunks,
+    check_eval_inputs,
+    check_variables,
+)
 from jaxsplit.search.fast_evaluate import bucket_step
 
 ComputeDtype = Literal["float32", "tensorfloat32", "bfloat16"]
@@ -204,11 +209,12 @@ class DeviceEvaluator:
         self.num_traces = 0
         self._jitted = jax.jit(self._evaluate)
 
-    def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
+    def __call__(self, variables: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
                  classes: jax.Array) -> jax.Array:
-        """See `jaxsplit.search.evaluate.Evaluator`."""
+        """See `jaxsplit.search.evaluate.Evaluator` (`variables = {"params": params}`)."""
+        check_variables(variables)
         check_eval_inputs(self.model, masks, images, classes)
-        return self._jitted(params, masks, images, classes)
+        return self._jitted(variables["params"], masks, images, classes)
 
     @staticmethod
     def _trace(model: ConvNet):

@@ -1,19 +1,14 @@
 """The modularization search driver: importance -> encoding -> GA loop -> modules (docs/method.md §3-6).
 
-`run_modularize(run_dir, cfg)` is the I/O edge. The core is the pure
-`search_step(problem, carry, key, params, images, labels, classes)`: decode
-the population (plus the hall-of-fame ensemble as individual P of every
-class), evaluate the logit table, score it with the cooperative fitness, tell
-the strategy, ask the next population. `make_step(problem)` jit-compiles it
-once (or, for a host-side evaluator such as the "fast" backend, jit-compiles
-the parts before and after the evaluator); the Python loop only feeds it
-keys and does I/O.
-
-Generations: generation g evaluates population g (population 0 is the
-heuristic initial one) and produces population g+1. As in the reference's
-`GA.run` (which evaluates the final population after its last update), a
-search of `num_generations` evaluates generations 0..num_generations, i.e.
-`num_generations + 1` populations, unless early stopping ends it first.
+`run_modularize(run_dir, cfg)` is the I/O edge over the library
+(`jaxsplit.modularize`): it loads the run's model and variables, calls
+`modularize_init` (importance, encoding, evaluator, initial population) and
+`modularize_step` once per generation, and adds the run folder, checkpoints,
+resume, progress bar, plots and summary. The pure search core lives in
+`search.core` (re-exported here): `search_step`, `make_step`, `init_carry`,
+`build_problem`, ... (generation g evaluates population g; a search of
+`num_generations` evaluates `num_generations + 1` populations unless early
+stopping ends it first).
 
 Reproducibility: generation g uses the key `fold_in(key(search.seed), g)`,
 never Python state, so a run killed at any point and resumed from its last
@@ -28,6 +23,8 @@ is deleted).
 
 Outputs in `run_dir/modularize/`: `importance.npz`, `masks.npz` (the best
 ensemble's mask per class: arrays named by conv layer, leading C axis),
+`modules.npz` (the same masks as a `jaxsplit.Modules` file: versioned, with
+the graph fingerprint, `Modules.load(path, graph)`),
 `history.json`, `curves.png`, `summary.json` (+ `sensitivity.npz/png` when
 `search.sensitivity`), `config.yaml` (the resolved config the search started with, which
 `jaxsplit modularize --resume` reads, so overrides need no retyping). `summary.json`'s
@@ -45,39 +42,48 @@ under the current acc_ratio (docs/method.md §6).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
 import math
 import os
 import shutil
-import time
 import warnings
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from jaxsplit import checkpoint as ckpt
-from jaxsplit import io as jio
 from jaxsplit import importance as imp_lib
-from jaxsplit import masks as masks_lib
+from jaxsplit import io as jio
+from jaxsplit import modularize as modz
 from jaxsplit import plots
-from jaxsplit.models.convnet import ConvNet
-from jaxsplit.search import encoding as enc_lib
-from jaxsplit.search import fitness as fit_lib
-from jaxsplit.search.evaluate import make_evaluator_from_config
+from jaxsplit.modularize import compile_state, modularize_init, modularize_step
+from jaxsplit.search.core import (  # noqa: F401  (the pure core; re-exported for callers)
+    INIT_STREAM,
+    HostEvaluatedStep,
+    ResumeError,
+    SearchCarry,
+    SearchError,
+    SearchProblem,
+    _strong,
+    _to_host,
+    build_problem,
+    compile_step,
+    decode_population,
+    final_accuracies,
+    generation_key,
+    init_carry,
+    initial_keys,
+    initial_population,
+    make_step,
+    score_and_update,
+    search_step,
+)
 from jaxsplit.search.sharding import input_placement
-from jaxsplit.errors import JaxsplitError
-from jaxsplit.search.strategies import BinaryStrategy, make_strategy
-
-log = logging.getLogger(__name__)
 
 MODULARIZE_DIRNAME = "modularize"
 CKPT_DIRNAME = "search_ckpt"
@@ -86,287 +92,10 @@ KEEP_CHECKPOINTS = 2
 FINGERPRINT_EXCLUDED = ("checkpoint_every", "eval_cache_mib")  # cannot change the result
 OUTPUT_FILES = ("masks.npz", "history.json", "summary.json")  # the results of a search
 CONFIG_FILE = "config.yaml"  # the resolved config a search started with (`--resume` reads it)
-TIME_KEYS = ("time_s",)
-INIT_STREAM = 2**31 - 1  # fold_in index of the initial-population keys (generations use 0, 1, ...)  # history fields that differ between identical runs
+TIME_KEYS = ("time_s",)  # history fields that differ between identical runs
+MODULES_FILE = "modules.npz"  # the `jaxsplit.Modules` file of the best ensemble
 
-
-class SearchError(JaxsplitError, ValueError):
-    """A search that cannot start or continue (bad inputs, existing results)."""
-
-
-class ResumeError(SearchError):
-    """A checkpoint that cannot be resumed (different fingerprint, corrupt)."""
-
-
-# -- the pure core ------------------------------------------------------------
-
-
-@struct.dataclass
-class SearchCarry:
-    """Everything the generation loop carries (all arrays; checkpointed as is).
-
-    Attributes:
-      state: the strategy's state (leading C axis).
-      population: `(C, P, G)` float32 genotypes to evaluate next.
-      hof_bits: `(C, G)` bool, the previous generation's best ensemble (hall of fame).
-      fitness_state: `fitness.FitnessState` (acc_ratio, early stopping).
-      best_bits: `(C, G)` bool, the best-valid-fitness ensemble so far.
-      best_acc, best_diff, best_valid_fitness: `()` float32 of that ensemble.
-      best_generation: `()` int32, when it was found (-1: none yet).
-      stopped: `()` bool, early stopping fired.
-    """
-
-    state: Any
-    population: jax.Array
-    hof_bits: jax.Array
-    fitness_state: fit_lib.FitnessState
-    best_bits: jax.Array
-    best_acc: jax.Array
-    best_diff: jax.Array
-    best_valid_fitness: jax.Array
-    best_generation: jax.Array
-    stopped: jax.Array
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SearchProblem:
-    """The static pieces of a search (hashable by identity, closed over by `make_step`).
-
-    Attributes:
-      enc: the gene encoding.
-      strategy: the evosax strategy on `(C, P, G)`.
-      evaluate_fn: an `Evaluator` (`search.evaluate`).
-      fitness_params: `fitness.FitnessParams` (with the hall-of-fame slot).
-      empty_layer: "repair" (force a layer's top group on) or "kernel0" (reference).
-    """
-
-    enc: enc_lib.Encoding
-    strategy: BinaryStrategy
-    evaluate_fn: Callable
-    fitness_params: fit_lib.FitnessParams
-    empty_layer: str = "repair"
-
-    def phenotype(self, population: jax.Array) -> jax.Array:
-        """Bits `(C, P, G)` evaluated for genotypes `population`."""
-        bits = self.strategy.to_bits(population)
-        return enc_lib.repair(self.enc, bits) if self.empty_layer == "repair" else bits
-
-    def decode(self, bits: jax.Array) -> masks_lib.Mask:
-        return enc_lib.decode(self.enc, bits,
-                              empty="kernel0" if self.empty_layer == "kernel0" else "none")
-
-
-def _strong(tree: Any, placement: Any = None) -> Any:
-    """Canonical arrays: no weak types, committed to the default device.
-
-    Fresh carries (outputs of jit) and carries restored from a checkpoint then
-    have one signature, so the compiled step is reused and its inputs are
-    the same bits. `placement` (a device or sharding; default the first
-    device) is `sharding.input_placement(evaluate_fn)`: a sharded evaluator
-    needs every input of the step replicated over its mesh.
-    """
-    device = jax.devices()[0] if placement is None else placement
-
-    def fix(x):
-        if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
-            x = jnp.asarray(x)
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            if getattr(x, "weak_type", False):
-                x = jnp.asarray(x, dtype=x.dtype)
-            return jax.device_put(x, device)
-        return x
-
-    return jax.tree_util.tree_map(fix, tree)
-
-
-def init_carry(key: jax.Array, problem: SearchProblem, bits: jax.Array) -> SearchCarry:
-    """The carry before generation 0 for the initial genomes `bits (C, P, G)`.
-
-    The hall of fame starts as individual 0 of every class (there is no
-    previous best ensemble yet; its score column is dropped anyway).
-    """
-    enc = problem.enc
-    if bits.shape[0] != enc.num_classes or bits.shape[-1] != enc.num_genes or bits.ndim != 3:
-        raise SearchError(f"initial population has shape {tuple(bits.shape)}; expected "
-                          f"(C={enc.num_classes}, P, G={enc.num_genes})")
-    return _strong(jax.jit(partial(_init_carry, problem))(key, bits),
-                   input_placement(problem.evaluate_fn))
-
-
-def _init_carry(problem: SearchProblem, key: jax.Array, bits: jax.Array) -> SearchCarry:
-    bits = enc_lib.repair(problem.enc, bits) if problem.empty_layer == "repair" else bits
-    state = problem.strategy.init(key, bits)
-    return SearchCarry(
-        state=state, population=problem.strategy.from_bits(bits), hof_bits=bits[:, 0],
-        fitness_state=fit_lib.FitnessState.create(problem.fitness_params),
-        best_bits=bits[:, 0], best_acc=jnp.asarray(0.0, jnp.float32),
-        best_diff=jnp.asarray(0.0, jnp.float32),
-        best_valid_fitness=jnp.asarray(-jnp.inf, jnp.float32),
-        best_generation=jnp.asarray(-1, jnp.int32), stopped=jnp.asarray(False))
-
-
-def search_step(problem: SearchProblem, carry: SearchCarry, key: jax.Array, params: Any,
-                images: jax.Array, labels: jax.Array,
-                classes: jax.Array) -> tuple[SearchCarry, dict[str, jax.Array]]:
-    """One generation: evaluate `carry.population`, score, tell, ask (pure).
-
-    `decode_population` -> `problem.evaluate_fn` -> `score_and_update`; the
-    two outer parts are pure jnp, the evaluator may be a host-side one (see
-    `make_step`).
-
-    Args:
-      problem: static pieces.
-      carry: the loop state.
-      key: this generation's key (`fold_in(base, g)`).
-      params: model params; images `(N, H, W, Cin)`; labels `(N,)`; classes `(C,)`.
-
-    Returns:
-      `(carry, metrics)`; metrics are scalars or `(C,)` arrays.
-    """
-    all_bits, masks = decode_population(problem, carry)
-    L = problem.evaluate_fn(params, masks, images, classes)
-    return score_and_update(problem, carry, key, all_bits, masks, L, labels, classes)
-
-
-def decode_population(problem: SearchProblem,
-                      carry: SearchCarry) -> tuple[jax.Array, masks_lib.Mask]:
-    """The evaluated bits `(C, P + 1, G)` (population, then the hall of fame) and their masks
-    `{conv: bool[C, P + 1, K]}`."""
-    bits = problem.phenotype(carry.population)  # (C, P, G)
-    all_bits = jnp.concatenate([bits, carry.hof_bits[:, None]], axis=1)  # (C, P + 1, G)
-    return all_bits, problem.decode(all_bits)
-
-
-def score_and_update(problem: SearchProblem, carry: SearchCarry, key: jax.Array,
-                     all_bits: jax.Array, masks: masks_lib.Mask, L: jax.Array, labels: jax.Array,
-                     classes: jax.Array) -> tuple[SearchCarry, dict[str, jax.Array]]:
-    """Score the logit table `L (C, P + 1, N)`, tell, ask: the rest of `search_step` (pure)."""
-    enc = problem.enc
-    num_classes = enc.num_classes
-    k_fit, k_tell, k_ask = jax.random.split(key, 3)
-    bits = all_bits[:, :-1]  # (C, P, G) = problem.phenotype(carry.population)
-    told = problem.strategy.from_bits(bits) if problem.strategy.tell_repaired else carry.population
-    flat = masks_lib.flatten(masks, enc.spec)
-    acc_ratio = carry.fitness_state.acc_ratio
-    score, info = fit_lib.cooperative_fitness(k_fit, L, flat, labels, classes, acc_ratio,
-                                              problem.fitness_params)
-    gen_best = all_bits[jnp.arange(num_classes), info.best_members]  # (C, G)
-    fstate, stop = fit_lib.update_fitness_state(carry.fitness_state, info, problem.fitness_params)
-    improved = fstate.improved
-    state = problem.strategy.tell(k_tell, told, fit_lib.to_minimise(score[:, :-1]), carry.state)
-    population, state = problem.strategy.ask(k_ask, state)
-    kept = masks_lib.kept_fraction(masks).astype(jnp.float32)  # (C, P + 1)
-    best_kept = kept[jnp.arange(num_classes), info.best_members]
-    new = carry.replace(
-        state=state, population=population.astype(jnp.float32), hof_bits=gen_best,
-        fitness_state=fstate,
-        best_bits=jnp.where(improved, gen_best, carry.best_bits),
-        best_acc=jnp.where(improved, info.best_acc, carry.best_acc).astype(jnp.float32),
-        best_diff=jnp.where(improved, info.best_diff, carry.best_diff).astype(jnp.float32),
-        best_valid_fitness=jnp.where(improved, info.best_valid_fitness,
-                                     carry.best_valid_fitness).astype(jnp.float32),
-        best_generation=jnp.where(improved, fstate.generation - 1,
-                                  carry.best_generation).astype(jnp.int32),
-        stopped=stop)
-    metrics = {
-        "best_fitness": info.best_fitness, "best_acc": info.best_acc, "best_diff": info.best_diff,
-        "best_valid_fitness": info.best_valid_fitness, "acc_ratio": acc_ratio,
-        "improved": improved, "num_stalled": fstate.num_stalled, "stop": stop,
-        "num_final_ensembles": jnp.sum(info.final_valid, dtype=jnp.int32),
-        "mean_kept_fraction": kept[:, :-1].mean(axis=1), "best_kept_fraction": best_kept,
-        "max_score": score[:, :-1].max(axis=1),
-    }
-    return new, metrics
-
-
-class HostEvaluatedStep:
-    """`search_step` for an evaluator that runs outside `jit` (`evaluate_fn.host_side`).
-
-    The "fast" evaluator plans its modules on the host from the mask values
-    (bucketed shapes), so it cannot be traced inside the step's `jit`:
-    here `jit(decode_population)` -> `evaluate_fn` (its own jitted pieces)
-    -> `jit(score_and_update)`. Same values and the same determinism as the
-    single jitted step; call it as `step(carry, key, params, images, labels,
-    classes)`.
-    """
-
-    def __init__(self, problem: SearchProblem, decode_fn: Callable | None = None,
-                 score_fn: Callable | None = None):
-        self.problem = problem
-        self._decode = decode_fn or jax.jit(partial(decode_population, problem))
-        self._score = score_fn or jax.jit(partial(score_and_update, problem))
-
-    def __call__(self, carry, key, params, images, labels, classes):
-        all_bits, masks = self._decode(carry)
-        L = self.problem.evaluate_fn(params, masks, images, classes)
-        return self._score(carry, key, all_bits, masks, L, labels, classes)
-
-    def compile(self, carry, key, params, images, labels, classes) -> HostEvaluatedStep:
-        """Ahead-of-time compiled decode and score parts for these argument shapes (the
-        evaluator compiles its own pieces when it first meets a shape)."""
-        del params  # the evaluator's business
-        decode = self._decode.lower(carry).compile()
-        all_bits, masks = jax.eval_shape(self._decode, carry)
-        L = jax.ShapeDtypeStruct((*all_bits.shape[:2], images.shape[0]), jnp.float32)
-        score = self._score.lower(carry, key, all_bits, masks, L, labels, classes).compile()
-        return HostEvaluatedStep(self.problem, decode, score)
-
-
-def make_step(problem: SearchProblem) -> Callable:
-    """`step(carry, key, params, images, labels, classes)` for `problem`.
-
-    `jit(search_step)`, or a `HostEvaluatedStep` when the evaluator must run
-    outside `jit` (`problem.evaluate_fn.host_side`, e.g. the "fast" backend).
-    """
-    if getattr(problem.evaluate_fn, "host_side", False):
-        return HostEvaluatedStep(problem)
-    return jax.jit(lambda carry, key, params, images, labels, classes: search_step(
-        problem, carry, key, params, images, labels, classes))
-
-
-def compile_step(step: Callable, carry, key, params, images, labels, classes) -> Callable:
-    """`make_step`'s result compiled ahead of time for these arguments."""
-    if isinstance(step, HostEvaluatedStep):
-        return step.compile(carry, key, params, images, labels, classes)
-    return step.lower(carry, key, params, images, labels, classes).compile()
-
-
-def generation_key(base_key: jax.Array, generation: int) -> jax.Array:
-    """The key of generation g: `fold_in(base_key, g)` (never Python RNG state)."""
-    return jax.random.fold_in(base_key, generation)
-
-
-# -- problem construction -----------------------------------------------------
-
-
-def build_problem(model: ConvNet, model_name: str, importance: Mapping[str, np.ndarray], search_cfg,
-                  *, sensitive_override: tuple[int, ...] | None = None,
-                  evaluate_fn: Callable | None = None) -> tuple[SearchProblem, dict]:
-    """Encoding, strategy, evaluator and fitness params for a search config.
-
-    Returns:
-      `(problem, init_settings)`; `init_settings` are the sensitive layers and
-      ratio lists of the heuristic initial population.
-    """
-    spec = model.conv_spec()
-    enc = enc_lib.encoding_from_config(spec, importance, search_cfg)
-    strategy = make_strategy(search_cfg.strategy, search_cfg.population_size, enc.num_genes,
-                             search_cfg, num_classes=enc.num_classes, mutation=search_cfg.mutation)
-    if evaluate_fn is None:
-        evaluate_fn = make_evaluator_from_config(model, search_cfg)
-    fparams = fit_lib.FitnessParams.from_config(search_cfg, has_hall_of_fame=True)
-    settings = enc_lib.reference_init_settings(model_name, search_cfg)
-    if sensitive_override is not None and search_cfg.sensitive_layers is None:
-        settings["sensitive"] = tuple(sensitive_override)
-    return SearchProblem(enc, strategy, evaluate_fn, fparams, search_cfg.empty_layer), settings
-
-
-def initial_population(key: jax.Array, problem: SearchProblem, population_size: int,
-                       settings: Mapping[str, Any]) -> jax.Array:
-    """Heuristic initial genomes `(C, P, G)` bool (docs/method.md §4)."""
-    return enc_lib.init_population(key, problem.enc, population_size, settings["sensitive"],
-                                   settings["ratios_sensitive"], settings["ratios_other"],
-                                   settings["temperature"])
+log = logging.getLogger(__name__)
 
 
 # -- fingerprint, checkpoints -------------------------------------------------
@@ -499,19 +228,6 @@ def load_search_checkpoint(path: Path, template: Any, base_key: jax.Array,
 # -- host helpers -------------------------------------------------------------
 
 
-def _to_host(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in jax.device_get(dict(metrics)).items():
-        a = np.asarray(v)
-        if a.dtype == bool:
-            out[k] = a.tolist()
-        elif np.issubdtype(a.dtype, np.integer):
-            out[k] = a.astype(int).tolist()
-        else:
-            out[k] = a.astype(float).tolist()
-    return out
-
-
 def _readable(path: Path) -> bool:
     """Whether an existing result file parses (a file left empty by a full disk does not)."""
     try:
@@ -523,7 +239,7 @@ def _readable(path: Path) -> bool:
                     f[k]
         return True
     except (OSError, ValueError, EOFError) as e:
-        print(f"warning: {path} is unreadable ({type(e).__name__}); writing it again")
+        log.warning("%s is unreadable (%s); writing it again", path, type(e).__name__)
         return False
 
 
@@ -587,39 +303,6 @@ def check_search_memory(num_classes: int, population_size: int, num_images: int,
             f"search.population_size or search.num_valid")
 
 
-def final_accuracies(problem: SearchProblem, params, bits: jax.Array,
-                     splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                     classes: np.ndarray) -> dict[str, dict[str, float]]:
-    """Accuracy of the module ensemble `bits (C, G)` and of the model on each split.
-
-    One evaluator call on all splits' images with two "individuals" per
-    class: the ensemble member and the full mask (the model itself: its
-    argmax over the class rows is the model's prediction).
-
-    Returns:
-      `{split: {"ensemble": acc, "model": acc}}`.
-    """
-    spec = problem.enc.spec
-    member = problem.decode(jnp.asarray(bits)[:, None])  # (C, 1, K)
-    full = masks_lib.full(spec, (problem.enc.num_classes, 1))
-    masks = {k: jnp.concatenate([member[k], full[k]], axis=1) for k in spec.names}
-    names = list(splits)
-    images = np.concatenate([np.asarray(splits[n][0], np.float32) for n in names])
-    L = np.asarray(problem.evaluate_fn(params, masks, jnp.asarray(images),
-                                       jnp.asarray(classes, jnp.int32)))
-    out, start = {}, 0
-    for n in names:
-        x, y = splits[n]
-        stop = start + len(y)
-        acc = imp_lib.ensemble_accuracy(L[:, :, start:stop], np.asarray(y), classes)
-        out[n] = {"ensemble": float(acc[0]), "model": float(acc[1])}
-        start = stop
-    return out
-
-
-# -- the driver ---------------------------------------------------------------
-
-
 def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, restart: bool = False,
                    progress: bool = True,
                    data: tuple | None = None, evaluate_fn: Callable | None = None,
@@ -660,7 +343,7 @@ def run_modularize(run_dir: str | os.PathLike, cfg, resume: bool = False, *, res
 
             out_dir = run_dir / MODULARIZE_DIRNAME
             if restart and out_dir.exists():
-                move_aside(out_dir)
+                log.info("moved the previous search to %s", move_aside(out_dir))
             return run_gradient_modularize(run_dir, cfg, resume, progress=progress, data=data,
                                            on_checkpoint=on_checkpoint)
         return _run_modularize(run_dir, cfg, resume, restart=restart, progress=progress, data=data,
@@ -724,7 +407,7 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     classes = np.arange(model.num_classes, dtype=np.int32)
     class_names = list(valid.class_names) if valid.class_names else [str(c) for c in classes]
     if restart and out_dir.exists():  # only now: a refused restart keeps the old search in place
-        print(f"moved the previous search to {move_aside(out_dir)}")
+        log.info("moved the previous search to %s", move_aside(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, model_desc, params)
     if resume and existing:  # refuse a foreign or corrupt checkpoint before any heavy work
@@ -738,48 +421,32 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
                                         scfg.num_generations + 1 - done_before,
                                         backend=scfg.backend)
     if estimate is not None:
-        print(estimate)
+        log.info("%s", estimate)
 
-    # importance (deterministic; reuse the saved one on resume)
-    imp_path = out_dir / "importance.npz"
-    t0 = time.perf_counter()
-    result = imp_lib.kernel_importance(model, params, images, labels,
-                                       confidence=scfg.importance_confidence)
-    importance = result.importance
-    _save_npz(imp_path, {**importance, "__num_confident": result.num_confident,
-                         "__num_images": result.num_images})
+    # importance, sensitivity, encoding, evaluator, initial population: the library's init
+    # (deterministic, so a resumed run recomputes the same values)
+    base_key = jax.random.key(scfg.seed)
+    state = modularize_init(base_key, imp_lib.inference_apply(model), {"params": params},
+                            (images, labels), search=scfg, family=model_name,
+                            evaluate_fn=evaluate_fn, class_names=class_names, compile=False)
+    result, problem, settings = state.importance, state.problem, state.settings
+    importance_time = state.timings.get("importance_s")
+    _save_npz(out_dir / "importance.npz", {**result.importance,
+                                           "__num_confident": result.num_confident,
+                                           "__num_images": result.num_images})
     for w in result.warnings:
         warnings.warn(str(w), RuntimeWarning, stacklevel=2)
-    importance_time = time.perf_counter() - t0
-
-    evaluate_fn = evaluate_fn or make_evaluator_from_config(model, scfg)
-    sensitive_override = None
-    if scfg.sensitivity:
-        ratios = imp_lib.DEFAULT_RATIOS
-        curves = imp_lib.layer_sensitivity(model, params, images, labels, importance, ratios,
-                                           evaluate_fn=evaluate_fn)
+    if state.sensitivity is not None:
+        curves, ratios = state.sensitivity
         _save_npz(out_dir / "sensitivity.npz", {"curves": curves, "ratios": np.asarray(ratios)})
         if not (out_dir / "sensitivity.png").exists():
             plots.plot_sensitivity(curves, ratios, out_dir / "sensitivity.png",
-                                   model.conv_spec().names)
-        sensitive_override = imp_lib.sensitive_layers(curves, ratios)
+                                     list(state.graph.names))
 
-    problem, settings = build_problem(model, model_name, importance, scfg,
-                                      sensitive_override=sensitive_override, evaluate_fn=evaluate_fn)
-    base_key = jax.random.key(scfg.seed)
-    key_init, key_pop = jax.random.split(jax.random.fold_in(base_key, INIT_STREAM))
-
-    def fresh_carry() -> SearchCarry:
-        bits0 = initial_population(key_pop, problem, scfg.population_size, settings)
-        return init_carry(key_init, problem, bits0)
-
-    history: list[dict[str, Any]] = []
-    start = 0
     compile_time = None
     if resume and existing:
         done, path = existing[-1]
-        template = jax.eval_shape(fresh_carry)  # shapes only: no compile
-        carry, meta = load_search_checkpoint(path, template, base_key, fp)
+        carry, meta = load_search_checkpoint(path, state.carry, base_key, fp)
         history = list(meta["history"])
         start = int(meta["generations_done"])
         compile_time = meta.get("compile_time_s")
@@ -787,62 +454,51 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
             raise ResumeError(f"checkpoint {str(path)!r} is inconsistent: {len(history)} history "
                               f"entries for {start} generations")
         log.info("resuming from %s: %d generations done", path.name, start)
-    else:
-        carry = fresh_carry()
+        state = state.replace(carry=_strong(carry, input_placement(problem.evaluate_fn)),
+                              generation=start, history=tuple(history))
 
-    total = scfg.num_generations + 1
-    place = input_placement(problem.evaluate_fn)  # a sharded evaluator's mesh, else device 0
-    carry = _strong(carry, place)
-    dev_params = _strong(params, place)
-    dev = _strong((images, labels, classes), place)
-    step = make_step(problem)
-    finished = bool(carry.stopped) or start >= total
-    if not finished:
-        t_c = time.perf_counter()
+    total = state.num_steps
+    if not state.done:
         # a host-side evaluator ("fast") compiles its own pieces per new shape during the first
         # generations; those seconds are in the generation times, not here
-        compiled = compile_step(step, carry, generation_key(base_key, start), dev_params, *dev)
-        this_compile = time.perf_counter() - t_c
-        compile_time = this_compile if compile_time is None else compile_time
+        state = compile_state(state)
+        compile_time = state.compile_time_s if compile_time is None else compile_time
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total, initial=start, unit="gen", dynamic_ncols=True,
+            bar = tqdm(total=total, initial=state.generation, unit="gen", dynamic_ncols=True,
                        desc=f"modularize {model_name}")
         try:
-            for g in range(start, total):
-                t_g = time.perf_counter()
-                carry, metrics = compiled(_strong(carry, place), generation_key(base_key, g), dev_params,
-                                          *dev)
-                entry = {"generation": g, **_to_host(metrics)}
-                entry["time_s"] = time.perf_counter() - t_g
-                history.append(entry)
+            while not state.done:
+                state, entry = modularize_step(state)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(fit=f"{entry['best_fitness']:.4f}", acc=f"{entry['best_acc']:.4f}",
                                     diff=f"{entry['best_diff']:.4f}",
                                     kept=f"{np.mean(entry['best_kept_fraction']):.2f}")
-                done = g + 1
+                done = state.generation
                 last = entry["stop"] or done == total
                 if done % scfg.checkpoint_every == 0 or last:
-                    meta = {"generations_done": done, "history": history, "fingerprint": fp,
-                            "compile_time_s": compile_time, "finished": bool(last)}
-                    save_search_checkpoint(ckpt_root, done, carry, base_key, meta)
+                    meta = {"generations_done": done, "history": list(state.history),
+                            "fingerprint": fp, "compile_time_s": compile_time,
+                            "finished": bool(last)}
+                    save_search_checkpoint(ckpt_root, done, state.carry, base_key, meta)
                     if on_checkpoint is not None:
                         on_checkpoint(done)
-                if entry["stop"]:
-                    break
         finally:
             if bar is not None:
                 bar.close()
+    carry, history = state.carry, list(state.history)
 
     # -- outputs -----------------------------------------------------------------------------
     best_bits = np.asarray(carry.best_bits)
-    best_masks = {k: np.asarray(v) for k, v in problem.decode(jnp.asarray(best_bits)[:, None]).items()}
-    best_masks = {k: v[:, 0] for k, v in best_masks.items()}  # (C, K_l)
+    best_masks = modz.best_masks(state)  # {site: (C, K)}
     _save_npz(out_dir / "masks.npz", best_masks)
-    accs = final_accuracies(problem, dev_params, best_bits,
+    modules_path = out_dir / MODULES_FILE
+    if not (modules_path.exists() and _readable(modules_path)):
+        modz.Modules.from_state(state).save(modules_path)
+    accs = final_accuracies(problem, state.variables, best_bits,
                             {"valid": (images, labels), "test": (test.images, test.labels)}, classes)
     valid_acc, model_valid = accs["valid"]["ensemble"], accs["valid"]["model"]
     test_acc, model_test = accs["test"]["ensemble"], accs["test"]["model"]

@@ -1,8 +1,14 @@
 """The "fast" population evaluator: every module physically extracted, FLOPs on kept kernels only.
 
+Written for `jaxsplit.models.ConvNet` only (its declarative layer table:
+3x3 conv blocks, pools, residual adds, an MLP head) and highly tuned for it;
+`make_evaluator` selects it only for a ConvNet. Any other traced model uses
+the generic reference backend (`jaxsplit.search.evaluate.ReferenceEvaluator`
+over `jaxsplit.masked_apply`).
+
 Same contract as `jaxsplit.search.evaluate` (the `Evaluator` protocol):
 
-    evaluate_fn(params, masks, images, classes) -> L (C, P, N) float32
+    evaluate_fn(variables, masks, images, classes) -> L (C, P, N) float32
     L[c, i, n] = logit classes[c] of the model masked with masks[c, i] on image n.
 
 Why another backend: the reference backend (activation masking, shared
@@ -116,7 +122,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit.models.convnet import ConvNet, ConvSpec
-from jaxsplit.search.evaluate import EvaluatorInputError, check_eval_inputs
+from jaxsplit.search.evaluate import EvaluatorInputError, check_eval_inputs, check_variables
 
 CONV = "conv"  # XLA convolution
 DENSE = "dense"  # the whole (small) map as one matmul
@@ -583,9 +589,11 @@ class FastEvaluator:
         """Traces of all jitted pieces so far."""
         return sum(self.trace_counts.values())
 
-    def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
+    def __call__(self, variables: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
                  classes: jax.Array) -> jax.Array:
-        """See `jaxsplit.search.evaluate.Evaluator`."""
+        """See `jaxsplit.search.evaluate.Evaluator` (`variables = {"params": params}`)."""
+        check_variables(variables)
+        params = variables["params"]
         num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images,
                                                                   classes)
         leaves = [masks[n] for n in self.spec.names] + [classes, images]

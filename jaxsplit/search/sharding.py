@@ -2,7 +2,7 @@
 
 The logit table `L (C, P, N)` (docs/method.md §6 step 1) is independent per
 individual, so the population axis P splits across devices with no
-communication: every device gets the params, the images and the classes
+communication: every device gets the variables, the images and the classes
 (replicated) and a `P / D` slice of the masks, runs the wrapped evaluator on
 its slice, and the slices of L are the shards of one global array. P is
 padded up to a multiple of the device count D (with copies of individual 0)
@@ -30,7 +30,7 @@ Either way the wrapped evaluator sees ordinary `(C, P / D)` masks.
 Use:
 
     evaluate_fn = make_sharded_evaluator(model, "auto")   # all local devices
-    L = evaluate_fn(params, masks, images, classes)       # same contract as make_evaluator
+    L = evaluate_fn(variables, masks, images, classes)       # same contract as make_evaluator
 
 or wrap an existing evaluator with `shard_evaluator(evaluate_fn)`. The
 search picks it up from the config: `search.shard: true` (the default)
@@ -148,12 +148,12 @@ def _is_traced(tree: Any) -> bool:
 class ShardedEvaluator:
     """An `Evaluator` whose population axis is split over the devices of a mesh.
 
-    `evaluate_fn(params, masks, images, classes) -> L (C, P, N)` as the
+    `evaluate_fn(variables, masks, images, classes) -> L (C, P, N)` as the
     wrapped evaluator; masks `{conv: bool[C, P, K_l]}` are padded to
     `P' = padded_size(P, D)` and sharded `(C, P' / D, K_l)` per device; L is
     returned with the padding cut, sharded along P.
 
-    Called on concrete arrays, inputs are first placed on the mesh (params,
+    Called on concrete arrays, inputs are first placed on the mesh (variables,
     images, classes replicated; arrays committed to one device are moved).
     Called with tracers (inside an outer `jit`), the caller must have
     placed its inputs on the mesh's devices (`replicated`).
@@ -191,20 +191,20 @@ class ShardedEvaluator:
     def devices(self) -> tuple[jax.Device, ...]:
         return tuple(self.mesh.devices.flat)
 
-    def _local_evaluate(self, params, masks, images, classes):
-        return self.evaluate_fn(params, masks, images, classes)
+    def _local_evaluate(self, variables, masks, images, classes):
+        return self.evaluate_fn(variables, masks, images, classes)
 
-    def _evaluate(self, params, masks, images, classes) -> jax.Array:
+    def _evaluate(self, variables, masks, images, classes) -> jax.Array:
         self.num_traces += 1
         first = next(iter(masks.values()))
         num_rows, num_individuals = int(first.shape[0]), int(first.shape[1])
         size = padded_size(num_individuals, self.num_devices)
-        L = self._local(params, _pad_population(masks, size), images, classes)
+        L = self._local(variables, _pad_population(masks, size), images, classes)
         L = L[:, :num_individuals]
         chex.assert_shape(L, (num_rows, num_individuals, images.shape[0]))
         return L
 
-    def __call__(self, params: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
+    def __call__(self, variables: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
                  classes: jax.Array) -> jax.Array:
         """See `jaxsplit.search.evaluate.Evaluator`."""
         if not isinstance(masks, Mapping) or not masks:
@@ -216,15 +216,15 @@ class ShardedEvaluator:
             shapes = {k: tuple(np.shape(v)) for k, v in masks.items()}
             if any(len(s) != 3 for s in shapes.values()):
                 raise ShardingError(f"masks must have shape (C, P, K_l) per layer, got {shapes}")
-        if not _is_traced((params, masks, images, classes)):
+        if not _is_traced((variables, masks, images, classes)):
             if self.host_side:
-                return self._call_host(params, masks, images, classes)
-            params, images, classes = jax.device_put((params, images, classes), self.replicated)
+                return self._call_host(variables, masks, images, classes)
+            variables, images, classes = jax.device_put((variables, images, classes), self.replicated)
             masks = jax.device_put(dict(masks), self.replicated)
-        return self._jitted(params, masks, images, classes)
+        return self._jitted(variables, masks, images, classes)
 
 
-    def _call_host(self, params, masks, images, classes) -> jax.Array:
+    def _call_host(self, variables, masks, images, classes) -> jax.Array:
         """Host-side evaluators: one P slice per local device, one thread per device.
 
         With several processes each evaluates the slices of its own devices;
@@ -239,12 +239,12 @@ class ShardedEvaluator:
         devices = self.devices
         local = [d for d in range(self.num_devices)
                  if devices[d].process_index == jax.process_index()]
-        params, images, classes = (_local_copy(t) for t in (params, images, classes))
+        variables, images, classes = (_local_copy(t) for t in (variables, images, classes))
 
         def run(d: int) -> np.ndarray:
             part = {k: v[:, d * per:(d + 1) * per] for k, v in padded.items()}
             with jax.default_device(devices[d]):
-                p, x, c = jax.device_put((params, images, classes), devices[d])
+                p, x, c = jax.device_put((variables, images, classes), devices[d])
                 return np.asarray(self.evaluate_fn(p, part, x, c))
 
         if len(local) == 1:
