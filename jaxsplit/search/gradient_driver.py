@@ -133,7 +133,7 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
     }
     D._save_json(out_dir / "history.json", {"epochs": history})
     D._save_json(out_dir / "summary.json", summary)
-    print(D.format_summary(summary))
+    D.log.info("%s", D.format_summary(summary))
     return summary
 
 
