@@ -100,6 +100,12 @@ def split_record(results: dict) -> dict:
             "methods": methods, "elapsed_patch_s": results["elapsed_s"]}
 
 
+def _without_method(settings: dict | None) -> dict | None:
+    if settings is None:
+        return None
+    return {**settings, "patch": {k: v for k, v in settings["patch"].items() if k != "method"}}
+
+
 def run_split(index: int, strong: tuple[int, ...], weak: tuple[int, ...], workdir: Path, progress: bool) -> dict:
     from jaxsplit import train
     from jaxsplit.search import driver
@@ -110,7 +116,8 @@ def run_split(index: int, strong: tuple[int, ...], weak: tuple[int, ...], workdi
     settings = jconfig.to_dict(cfg)
     if cached.is_file():
         rec = json.loads(cached.read_text())
-        if rec.get("settings") == settings:
+        # patch.method only picks which of the measured decision_methods is the default
+        if _without_method(rec.get("settings")) == _without_method(settings):
             print(f"[split {index}] cached: {cached}", flush=True)
             return rec
     times = {}
