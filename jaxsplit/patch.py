@@ -50,7 +50,8 @@ on TC images cannot know that. jaxsplit therefore also fits patches on the weak 
 split (TC and non-TC images, labelled) and gates them (`choose_on_valid`):
 
 * methods (``patch.decision_methods``; ``patch.method`` is the one users get, default
-  ``logistic+f1``): ``min_max`` (the reference, for comparison), ``module+f1`` (a valid-chosen
+  ``min_max`` behind the gate, chosen on valid figures: see `jaxsplit.patch_config`):
+  ``min_max`` (the reference calibration, out-of-fold on the valid TC images), ``module+f1`` (a valid-chosen
   threshold on the module logit), ``logistic`` (a logistic combination of the module logit and
   the weak model's TC logit, `jaxsplit.compose.compose_joint`) and ``logistic+f1`` (that, then
   the decision threshold that maximises TC F1 on valid);
