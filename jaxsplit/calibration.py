@@ -20,6 +20,18 @@ jaxsplit adds two calibrations learned on held-out *labelled* data (binary label
 `temperature()` (sigmoid(x / T)) and `platt()` (sigmoid(a x + b)), and measures calibration with
 `expected_calibration_error` / `reliability_bins`.
 
+Min-max on TC images alone cannot know what the module's score means on the weak task's other
+classes, which the strong model never saw (a module may fire on them). Fitted on the weak task's
+labelled valid split (TC and non-TC images) instead (`VALID_FITTED`):
+
+* `logistic(l2)`: an L2-regularised logistic regression on several features per image (for
+  patching: the module's TC logit and the weak model's TC logit), so the fit learns how much to
+  trust the module against the weak model; ``apply`` maps ``(N, F) -> (N,)``;
+* `threshold(objective)`: the decision threshold that maximises TC F1 or TC-vs-rest accuracy on
+  the valid data, returned as a score centred on it (above 0.5 iff above the threshold);
+* `chain(*methods)`: methods one after the other, e.g.
+  ``chain(logistic(), threshold("f1", space="logit"))``.
+
 Design (optax style): a method is a `Calibration` NamedTuple of two pure functions,
 
 * ``fit(scores, labels=None) -> state``: a small pytree (NamedTuple) of fitted parameters;
@@ -56,11 +68,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxsplit.errors import JaxsplitError
+
 Array = jax.Array
 CalibState = Any  # a NamedTuple of scalar arrays; see the *State classes below.
 
 
-class CalibrationError(ValueError):
+class CalibrationError(JaxsplitError, ValueError):
     """Scores, labels or settings a calibration method cannot work with."""
 
 
@@ -443,6 +457,247 @@ def platt(*, num_steps: int = 50) -> Calibration:
 
 
 # --------------------------------------------------------------------------------------------
+# Calibrations fitted on the weak task's valid split (TC and non-TC images).
+#
+# The module has only seen the strong model's classes, so its score on the weak task's other
+# classes means nothing that min-max on TC images alone can know. These methods are fitted on
+# labelled valid images of the weak task, TC (1) and non-TC (0).
+
+
+class LogisticState(NamedTuple):
+    """``apply`` maps features ``x (N, F) -> sigmoid(((x - mean) / scale) @ weights + bias)``."""
+
+    weights: Array  # shape=(F,), float32; on standardised features
+    bias: Array  # shape=(), float32
+    mean: Array  # shape=(F,), float32
+    scale: Array  # shape=(F,), float32
+
+
+class ThresholdState(NamedTuple):
+    """``apply`` maps ``x -> sigmoid((g(x) - threshold) / scale)``: above 0.5 iff ``g(x) > threshold``.
+
+    ``g`` is the identity (``space="score"``) or the logit (``space="logit"``, for probabilities).
+    """
+
+    threshold: Array  # shape=(), float32, in the space of g
+    scale: Array  # shape=(), float32, > 0
+
+
+class ChainState(NamedTuple):
+    """The fitted states of a `chain`'s methods, in order."""
+
+    states: tuple
+
+
+def _as_features(features: Any, method: str) -> Array:
+    """Validates features to ``(N, F)`` float; ``(N,)`` is one feature."""
+    features = jnp.asarray(features)
+    if features.ndim == 1:
+        features = features[:, None]
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise CalibrationError(
+            f"{method}: features must have shape (N,) or (N, F) with N, F >= 1, got {features.shape}"
+        )
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        features = features.astype(jnp.float32)
+    if _is_concrete(features):
+        num_bad = int(np.sum(~np.isfinite(np.asarray(features))))
+        if num_bad:
+            raise CalibrationError(
+                f"{method}: features contain {num_bad} non-finite value(s) (NaN or inf)"
+            )
+    return features
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _fit_logistic(features: Array, targets: Array, weights: Array, l2: Array,
+                  num_steps: int) -> LogisticState:
+    # Standardised features (so one l2 means the same for every feature scale), bias not
+    # penalised; a fixed number of L-BFGS steps from zero: deterministic and jit-compiled.
+    # ``weights`` is 1 for real rows and 0 for the padding that keeps shapes in few buckets.
+    total = jnp.sum(weights)
+    mean = jnp.sum(weights[:, None] * features, axis=0) / total
+    var = jnp.sum(weights[:, None] * (features - mean) ** 2, axis=0) / total
+    scale = jnp.maximum(jnp.sqrt(var), 1e-6)
+    z = (features - mean) / scale
+    num_features = features.shape[1]
+
+    def loss_fn(params: Array) -> Array:
+        w, b = params[:num_features], params[num_features]
+        bce = optax.sigmoid_binary_cross_entropy(z @ w + b, targets)
+        return jnp.sum(weights * bce) / total + 0.5 * l2 * jnp.sum(w**2)
+
+    prior = jnp.clip(jnp.sum(weights * targets) / total, 1e-6, 1 - 1e-6)
+    init = jnp.zeros((num_features + 1,), features.dtype).at[-1].set(jnp.log(prior / (1 - prior)))
+    params = _minimise_lbfgs(loss_fn, init, num_steps)
+    return LogisticState(params[:num_features], params[num_features], mean, scale)
+
+
+def logistic(*, l2: float = 1e-2, num_steps: int = 100) -> Calibration:
+    """L2-regularised logistic regression of the TC label on several scores.
+
+    For patching, the features are the module's TC logit and the weak model's TC logit
+    (`jaxsplit.compose.joint_features`), so the fit learns how far to trust the module against
+    the weak model on the weak task's own classes, which the module has never seen. Fitted on
+    the weak task's valid images (TC = 1, other classes = 0) by minimising mean binary
+    cross-entropy + ``l2 / 2 * |w|^2`` on standardised features (the bias is not penalised) with
+    a fixed number of jit-compiled, deterministic L-BFGS steps (optax), from ``w = 0`` and the
+    bias at the log prior odds.
+
+    Args:
+      l2: ridge penalty on the standardised weights, >= 0.
+      num_steps: L-BFGS iterations.
+
+    Returns:
+      A `Calibration` whose ``fit(features (N, F) or (N,), labels (N,))`` gives a
+      `LogisticState` and whose ``apply(state, features (N, F)) -> (N,)`` gives the TC
+      probability (not elementwise: one output per row).
+    """
+    _check_num_steps(num_steps, "logistic")
+    if not (isinstance(l2, (int, float)) and l2 >= 0):
+        raise CalibrationError(f"logistic: l2 must be a number >= 0, got {l2!r}")
+
+    def fit(features: Any, labels: Any = None) -> LogisticState:
+        features = _as_features(features, "logistic")
+        if labels is None:
+            raise CalibrationError(
+                "logistic: is learned from labelled data; give binary labels (1 = target class)"
+            )
+        mask = _as_labels(labels, features.shape[0], "logistic")
+        _check_both_classes(mask, "logistic")
+        # Pad N up to a multiple of 1024 (zero weight) so folds of slightly different sizes
+        # share one compilation.
+        n = features.shape[0]
+        pad = -n % 1024
+        weights = jnp.concatenate([jnp.ones((n,), features.dtype), jnp.zeros((pad,), features.dtype)])
+        features = jnp.concatenate([features, jnp.zeros((pad, features.shape[1]), features.dtype)])
+        targets = jnp.concatenate([mask.astype(features.dtype), jnp.zeros((pad,), features.dtype)])
+        return _fit_logistic(features, targets, weights, jnp.asarray(l2, features.dtype), num_steps)
+
+    def apply(state: LogisticState, features: Array) -> Array:
+        features = jnp.asarray(features)
+        if features.ndim == 1:
+            features = features[:, None]
+        chex.assert_shape(features, (None, state.weights.shape[0]))
+        return jax.nn.sigmoid(((features - state.mean) / state.scale) @ state.weights + state.bias)
+
+    return Calibration(fit=fit, apply=apply)
+
+
+THRESHOLD_OBJECTIVES = ("f1", "accuracy")
+
+
+def _objective_at_cuts(sorted_targets: np.ndarray, objective: str) -> np.ndarray:
+    """Objective of "the top k scores are TC", for k = 0..N (``(N + 1,)``)."""
+    n = sorted_targets.shape[0]
+    tp = np.concatenate([[0.0], np.cumsum(sorted_targets)])
+    k = np.arange(n + 1, dtype=np.float64)
+    num_pos = tp[-1]
+    if objective == "f1":
+        return np.where(k + num_pos > 0, 2 * tp / np.maximum(k + num_pos, 1), 0.0)
+    fp = k - tp
+    return (tp + (n - num_pos) - fp) / n
+
+
+def threshold(objective: str = "f1", *, space: str = "score") -> Calibration:
+    """A decision threshold on a score, chosen on labelled valid data for ``objective``.
+
+    ``fit`` tries every cut between consecutive distinct scores (and the two "none" / "all"
+    cuts), scores the rule "TC iff score > t" on the labelled data, and keeps the best cut (the
+    highest threshold among ties, i.e. the most conservative TC rule); the threshold is the
+    midpoint between the two scores around the cut. ``apply`` centres the score on the
+    threshold: ``sigmoid((g(x) - t) / scale) > 0.5`` iff ``g(x) > t``, so a patched model's
+    decision "calibrated score > 0.5" is the chosen rule. ``fit`` is a sort and a cumulative
+    sum on the host (numpy, exact, no compilation per data size); ``apply`` is jit-able.
+
+    Args:
+      objective: ``"f1"`` (TC F1) or ``"accuracy"`` (TC-vs-rest accuracy).
+      space: ``"score"`` (raw scores; ``scale`` = their std) or ``"logit"`` (scores are
+        probabilities, e.g. after `logistic`: the threshold lives on their logit and
+        ``scale = 1``, so a threshold at probability 0.5 leaves the probabilities unchanged).
+
+    Returns:
+      A `Calibration` with a `ThresholdState`; elementwise.
+    """
+    if objective not in THRESHOLD_OBJECTIVES:
+        raise CalibrationError(
+            f"threshold: objective must be one of {THRESHOLD_OBJECTIVES}, got {objective!r}"
+        )
+    if space not in ("score", "logit"):
+        raise CalibrationError(f"threshold: space must be 'score' or 'logit', got {space!r}")
+
+    def to_space(scores: Any, xp: Any = jnp) -> Any:
+        if space == "logit":
+            p = xp.clip(scores, 1e-7, 1 - 1e-7)
+            return xp.log(p) - xp.log1p(-p)
+        return scores
+
+    def fit(scores: Any, labels: Any = None) -> ThresholdState:
+        scores = _as_scores(scores, "threshold")
+        if not _is_concrete(scores, labels):
+            raise CalibrationError("threshold: fit runs on the host; call it outside jit/vmap")
+        if labels is None:
+            raise CalibrationError(
+                "threshold: is chosen on labelled data; give binary labels (1 = target class)"
+            )
+        mask = _as_labels(labels, scores.shape[0], "threshold")
+        _check_both_classes(mask, "threshold")
+        g = to_space(np.asarray(scores, np.float64), np)
+        order = np.argsort(-g, kind="stable")
+        g_sorted = g[order]
+        values = _objective_at_cuts(np.asarray(mask)[order].astype(np.float64), objective)
+        # A cut after position k - 1 is valid only between distinct scores.
+        distinct = np.concatenate([[True], g_sorted[:-1] > g_sorted[1:], [True]])
+        values = np.where(distinct, values, -np.inf)
+        k = int(np.argmax(values))  # first maximum = fewest TC predictions = highest threshold
+        n = g.shape[0]
+        spread = max(float(g_sorted[0] - g_sorted[-1]), 1.0)
+        above = g_sorted[k - 1] if k > 0 else g_sorted[0] + spread
+        below = g_sorted[k] if k < n else g_sorted[-1] - spread
+        scale = 1.0 if space == "logit" else max(float(np.std(g)), 1e-6)
+        dtype = scores.dtype
+        return ThresholdState(threshold=jnp.asarray((above + below) / 2, dtype),
+                              scale=jnp.asarray(scale, dtype))
+
+    def apply(state: ThresholdState, scores: Array) -> Array:
+        return jax.nn.sigmoid((to_space(jnp.asarray(scores)) - state.threshold) / state.scale)
+
+    return Calibration(fit=fit, apply=apply)
+
+
+def chain(*methods: Calibration) -> Calibration:
+    """Methods applied one after the other (cf. `optax.chain`).
+
+    ``fit`` fits the first method on ``(scores, labels)``, applies it, fits the second on its
+    output with the same labels, and so on; ``apply`` applies them in order. E.g.
+    ``chain(logistic(), threshold("f1", space="logit"))``: a logistic TC probability, then the
+    decision threshold on it that maximises TC F1.
+
+    Returns:
+      A `Calibration` whose state is a `ChainState` of the methods' states.
+    """
+    if not methods or not all(isinstance(m, Calibration) for m in methods):
+        raise CalibrationError(
+            f"chain: needs one or more Calibration, got {[type(m).__name__ for m in methods]}"
+        )
+
+    def fit(scores: Any, labels: Any = None) -> ChainState:
+        states = []
+        for method in methods:
+            state = method.fit(scores, labels)
+            scores = method.apply(state, scores)
+            states.append(state)
+        return ChainState(tuple(states))
+
+    def apply(state: ChainState, scores: Array) -> Array:
+        for method, s in zip(methods, state.states):
+            scores = method.apply(s, scores)
+        return scores
+
+    return Calibration(fit=fit, apply=apply)
+
+
+# --------------------------------------------------------------------------------------------
 # Registry.
 
 _FACTORIES: dict[str, Callable[..., Calibration]] = {
@@ -453,15 +708,19 @@ _FACTORIES: dict[str, Callable[..., Calibration]] = {
     "temperature": temperature,
     "platt": platt,
 }
-NAMES: tuple[str, ...] = tuple(_FACTORIES)
+NAMES: tuple[str, ...] = tuple(_FACTORIES)  # the elementwise score calibrations
 SUPERVISED: frozenset[str] = frozenset({"temperature", "platt"})
+# Fitted on the weak task's labelled valid split; `logistic` takes several features per image.
+VALID_FITTED: tuple[str, ...] = ("logistic", "threshold")
+_FACTORIES.update({"logistic": logistic, "threshold": threshold})
 
 
 def get(name: str, **kwargs: Any) -> Calibration:
     """Builds the calibration method ``name`` with the factory's keyword arguments.
 
     Args:
-      name: one of `NAMES`: "min_max", "percentile", "iqr", "z_norm", "temperature", "platt".
+      name: one of `NAMES` ("min_max", "percentile", "iqr", "z_norm", "temperature", "platt")
+        or `VALID_FITTED` ("logistic", "threshold").
       **kwargs: passed to the factory (e.g. ``get("percentile", lower=5, upper=95)``).
 
     Raises:
@@ -469,7 +728,7 @@ def get(name: str, **kwargs: Any) -> Calibration:
     """
     if name not in _FACTORIES:
         raise CalibrationError(
-            f"unknown calibration {name!r}; valid names: {', '.join(NAMES)}"
+            f"unknown calibration {name!r}; valid names: {', '.join((*NAMES, *VALID_FITTED))}"
         )
     return _FACTORIES[name](**kwargs)
 

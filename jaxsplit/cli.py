@@ -487,20 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Error types of modules this layer does not own that do not derive from JaxsplitError yet.
-_FOREIGN_USER_ERRORS = (("jaxsplit.report", "ReportError"),
-                        ("jaxsplit.calibration", "CalibrationError"),
-                        ("jaxsplit.compose", "CompositionError"),
-                        ("jaxsplit.models.convnet", "ModelInputError"))
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """jaxsplit's own error types: reported as a message with exit status 2."""
-    errors: list[type[BaseException]] = [JaxsplitError]
-    for module, name in _FOREIGN_USER_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            errors.append(cls)
-    return tuple(errors)
+    return (JaxsplitError,)
 
 
 def _print_error(command: str, err: BaseException) -> None:

@@ -11,6 +11,10 @@ The softmax runs over *all* K weak classes (TC included) and only then is the TC
 so the non-TC probabilities keep the mass the weak model gave its TC; `compose` does exactly
 that, with the TC at any column (``target_index``, default -1 = last, as the reference).
 
+`compose_joint` is the valid-fitted variant: a calibration of *both* the module's TC logit and
+the weak model's TC logit (`joint_features`, e.g. a `jaxsplit.calibration.logistic` fit) decides
+TC vs non-TC, and the weak model ranks the non-TC classes.
+
 `merge` is the general form: any number of models and modules, each scoring some of the classes,
 merged into one classifier over the union of their classes.
 
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import calibration as calib
+from jaxsplit.errors import JaxsplitError
 
 Array = jax.Array
 ApplyFn = Callable[[Any], Array]
@@ -39,7 +44,7 @@ CalibrateFn = Callable[[Array], Array]
 CalibrateLike = CalibrateFn | tuple[calib.Calibration, Any] | None
 
 
-class CompositionError(ValueError):
+class CompositionError(JaxsplitError, ValueError):
     """Models, class ids or shapes that cannot be composed."""
 
 
@@ -141,6 +146,78 @@ def compose(
         )
         probs = jax.nn.softmax(logits, axis=-1)
         return probs.at[:, target_index].set(calibrated.astype(probs.dtype))
+
+    return apply
+
+
+def joint_features(weak_logits: Any, module_scores: Any, target_index: int = -1) -> Array:
+    """The per-image features a valid-fitted calibration sees: ``(N, 2)``.
+
+    Column 0 is the module's raw TC logit; column 1 the weak model's TC logit in one-vs-rest
+    form, ``log p_tc - log(1 - p_tc)`` of its softmax (computed stably from the logits).
+
+    Args:
+      weak_logits: ``(N, K)`` weak model logits.
+      module_scores: ``(N,)`` or ``(N, 1)`` module TC logits.
+      target_index: TC column of the weak model.
+    """
+    logits = jnp.asarray(weak_logits)
+    if logits.ndim != 2:
+        raise CompositionError(f"weak logits must have shape (N, K), got {logits.shape}")
+    num_examples, num_classes = logits.shape
+    if not -num_classes <= target_index < num_classes:
+        raise CompositionError(
+            f"target_index {target_index} is out of range for a weak model with {num_classes} classes"
+        )
+    tc = target_index % num_classes
+    module = _as_column(module_scores, num_examples, "module_apply output")
+    others = jnp.delete(logits, tc, axis=1, assume_unique_indices=True)
+    weak_tc = logits[:, tc] - jax.nn.logsumexp(others, axis=1)
+    return jnp.stack([module.astype(logits.dtype), weak_tc], axis=1)
+
+
+def compose_joint(
+    weak_apply: ApplyFn,
+    module_apply: ApplyFn,
+    calibrate: CalibrateLike,
+    *,
+    target_index: int = -1,
+) -> ApplyFn:
+    """Patches a weak classifier with a TC decision made from the module AND the weak model.
+
+    The calibration maps `joint_features` ``(N, 2)`` (module TC logit, weak TC logit) to a TC
+    score ``c (N,)`` in (0, 1), decision-centred at 0.5: e.g. a `logistic` probability, or a
+    `chain` of it with a valid-chosen `threshold`. Unlike `compose` (the reference's rule, where
+    the calibrated module score competes in an argmax with the weak model's other
+    probabilities), the patched model predicts the TC iff ``c > 0.5`` and otherwise the weak
+    model's best non-TC class; its non-TC ranking is the weak model's.
+
+    Args:
+      weak_apply: ``inputs -> logits (N, K)``.
+      module_apply: ``inputs -> (N,)`` or ``(N, 1)`` TC logits.
+      calibrate: ``features (N, 2) -> c (N,)``: a callable or a fitted ``(Calibration, state)``.
+      target_index: TC column of the weak model.
+
+    Returns:
+      ``apply(inputs) -> scores (N, K)``: the TC column is ``c``, every other column
+      ``(1 - c) * p_j / max_j p_j`` over the weak model's non-TC softmax ``p``, so the best
+      non-TC class scores ``1 - c`` and ``argmax`` is the rule above (ties at 0.5 go to the
+      non-TC class in front of a last-column TC). Jit-able and vmap-able.
+    """
+    if not isinstance(target_index, int):
+        raise CompositionError(f"target_index must be an int, got {target_index!r}")
+    calibrate_fn = as_calibrate_fn(calibrate)
+
+    def apply(inputs: Any) -> Array:
+        logits = jnp.asarray(weak_apply(inputs))
+        features = joint_features(logits, module_apply(inputs), target_index)
+        num_examples, num_classes = logits.shape
+        tc = target_index % num_classes
+        c = _as_column(calibrate_fn(features), num_examples, "the calibrated TC score")
+        c = c.astype(logits.dtype)
+        masked = logits.at[:, tc].set(-jnp.inf)
+        rel = jnp.exp(masked - jnp.max(masked, axis=1, keepdims=True))  # p_j / max p, TC -> 0
+        return (rel * (1.0 - c)[:, None]).at[:, tc].set(c)
 
     return apply
 

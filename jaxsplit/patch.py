@@ -42,6 +42,28 @@ Calibration data
   with binary labels (1 = TC).
 The test split is used only for the reported metrics.
 
+Valid-fitted patches and the validation gate (``summary`` in the results)
+------------------------------------------------------------------------
+The reference's min-max patch can make a weak model worse: the module has only seen the strong
+model's classes, so its score on the weak task's other classes means nothing, and a range fitted
+on TC images cannot know that. jaxsplit therefore also fits patches on the weak task's **valid**
+split (TC and non-TC images, labelled) and gates them (`choose_on_valid`):
+
+* methods (``patch.decision_methods``; ``patch.method`` is the one users get, default
+  ``min_max`` behind the gate, chosen on valid figures: see `jaxsplit.patch_config`):
+  ``min_max`` (the reference calibration, out-of-fold on the valid TC images), ``module+f1`` (a valid-chosen
+  threshold on the module logit), ``logistic`` (a logistic combination of the module logit and
+  the weak model's TC logit, `jaxsplit.compose.compose_joint`) and ``logistic+f1`` (that, then
+  the decision threshold that maximises TC F1 on valid);
+* valid figures are out-of-fold (``patch.valid_folds`` stratified folds, each predicted by a fit
+  on the others); the final fit uses the whole valid split;
+* the gate (``patch.gate``) keeps the weak model for a TC unless the patch beats it on valid:
+  ``patch.gate_objective`` (TC F1) higher by more than ``patch.gate_min_gain`` and non-TC
+  accuracy at most ``patch.gate_non_tc_tolerance`` lower (default 0: not lower at all). It says
+  why, e.g. "rejected on valid: F1 86.1 -> 84.0".
+Only then is the test split measured (`measure_on_test`): per TC the weak model, the patch, and
+the ``final`` model (the patch if accepted, else the weak model).
+
 Metrics (on the weak task's test split, before and after patching): TC precision, recall, F1;
 non-TC accuracy (images whose label is not TC; predicting TC for them is an error); overall
 accuracy; confusion matrix; the expected calibration error (ECE) of the calibrated module score
@@ -95,6 +117,20 @@ __all__ = [
     "average_metrics",
     "average_results",
     "acceptance",
+    "DecisionData",
+    "JOINT_METHODS",
+    "decision_method",
+    "fit_decision",
+    "decision_scores",
+    "cross_fit_predictions",
+    "gate",
+    "choose_on_valid",
+    "measure_on_test",
+    "patch_decision",
+    "decision_summary",
+    "format_summary",
+    "evaluate_decisions",
+    "summary_blocks",
     "load_cifar100_cifar10",
     "weak_config",
     "train_weak",
@@ -531,6 +567,349 @@ def evaluate_patch(
 
 
 # --------------------------------------------------------------------------------------------
+# Decisions fitted on the weak task's valid split, the validation gate, and the per-TC summary
+# (pure: arrays in, JSON-ready dicts out). The test split is only measured, after every choice.
+
+# Method specs of the valid-fitted family (`patch.decision_methods`, `patch.method`):
+#   a name of `jaxsplit.calibration.NAMES` (min_max: the reference) -> that calibration of the
+#     module score, composed with the reference rule (`jaxsplit.compose.compose`); the
+#     unsupervised ones fit on the valid TC images, temperature/platt on all valid images;
+#   "logistic"               -> a logistic TC probability from (module logit, weak TC logit);
+#   "logistic+f1" / "+accuracy" -> that, then the valid-chosen threshold for TC F1 / accuracy;
+#   "module+f1" / "+accuracy"   -> a valid-chosen threshold on the module logit alone;
+# the last three kinds are composed with `jaxsplit.compose.compose_joint` (TC iff score > 0.5).
+JOINT_METHODS = ("logistic", "logistic+f1", "logistic+accuracy", "module+f1", "module+accuracy")
+GATE_OBJECTIVES = ("tc_f1", "accuracy")
+_REPORTED = ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy", "accuracy")
+
+
+class DecisionData(NamedTuple):
+    """Outputs of the weak model and the module on one labelled split of the weak task.
+
+    Attributes:
+      weak_logits: ``(N, K)`` weak model logits.
+      module_scores: ``(N,)`` raw module TC logits.
+      labels: ``(N,)`` weak-space labels (TC = ``tc_index``).
+    """
+
+    weak_logits: np.ndarray
+    module_scores: np.ndarray
+    labels: np.ndarray
+
+
+class _Column(NamedTuple):
+    pass
+
+
+def _column(index: int) -> calib.Calibration:
+    """A parameter-free 'calibration' that picks one feature column."""
+    return calib.Calibration(fit=lambda scores, labels=None: _Column(),
+                             apply=lambda state, scores: jnp.asarray(scores)[:, index])
+
+
+def decision_method(spec: str) -> tuple[str, calib.Calibration]:
+    """``(kind, calibration)`` of a method spec; kind ``"score"`` (module score, reference rule)
+    or ``"joint"`` (`jaxsplit.compose.joint_features`, TC iff calibrated score > 0.5)."""
+    if spec in calib.NAMES:
+        return "score", calib.get(spec)
+    if spec == "logistic":
+        return "joint", calib.logistic()
+    base, _, objective = spec.partition("+")
+    if spec in JOINT_METHODS and base == "logistic":
+        return "joint", calib.chain(calib.logistic(), calib.threshold(objective, space="logit"))
+    if spec in JOINT_METHODS and base == "module":
+        return "joint", calib.chain(_column(0), calib.threshold(objective))
+    raise PatchError(f"unknown patch method {spec!r}; expected one of {(*calib.NAMES, *JOINT_METHODS)}")
+
+
+def _check_decision_data(data: DecisionData, tc_index: int, what: str) -> DecisionData:
+    weak = np.asarray(data.weak_logits, np.float32)
+    scores = np.asarray(data.module_scores, np.float32)
+    labels = np.asarray(data.labels)
+    if weak.ndim != 2 or weak.shape[0] != labels.shape[0] or labels.ndim != 1:
+        raise PatchError(f"{what}: weak_logits must be (N, K) with N = len(labels) = {labels.shape[0]}, "
+                         f"got {weak.shape}")
+    if scores.shape != labels.shape:
+        raise PatchError(f"{what}: module_scores must be ({labels.shape[0]},), got {scores.shape}")
+    if not 0 <= tc_index < weak.shape[1]:
+        raise PatchError(f"{what}: tc_index {tc_index} is out of range for {weak.shape[1]} weak classes")
+    return DecisionData(weak, scores, labels)
+
+
+_BUCKET = 1024  # row counts are padded to a multiple of this for eager jnp ops (few compilations)
+
+
+def _padded(fn: Callable[..., Any], *arrays: np.ndarray) -> np.ndarray:
+    """``fn(*arrays)`` row-wise, with the rows zero-padded to a multiple of `_BUCKET` and cut back."""
+    n = arrays[0].shape[0]
+    pad = -n % _BUCKET
+    padded = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) if pad else a for a in arrays]
+    return np.asarray(fn(*(jnp.asarray(a) for a in padded)))[:n]
+
+
+def fit_decision(spec: str, data: DecisionData, tc_index: int) -> tuple[str, calib.Calibration, Any]:
+    """Fits method ``spec`` on labelled data (the weak task's valid split, or folds of it).
+
+    Returns:
+      ``(kind, calibration, state)`` for `decision_scores`.
+    """
+    kind, method = decision_method(spec)
+    is_tc = (np.asarray(data.labels) == tc_index).astype(np.int32)
+    if kind == "joint":
+        features = _padded(lambda w, m: jcompose.joint_features(w, m, tc_index), np.asarray(data.weak_logits),
+                           np.asarray(data.module_scores))
+        state = method.fit(jnp.asarray(features), jnp.asarray(is_tc))
+    elif spec in calib.SUPERVISED:
+        state = method.fit(jnp.asarray(data.module_scores), jnp.asarray(is_tc))
+    else:  # the reference: fitted on the TC images only
+        state = method.fit(jnp.asarray(data.module_scores[is_tc == 1]))
+    return kind, method, state
+
+
+def decision_scores(kind: str, method: calib.Calibration, state: Any, weak_logits: Any, module_scores: Any,
+                    tc_index: int) -> np.ndarray:
+    """``(N, K)`` patched scores of a fitted method (argmax = the patched prediction)."""
+    if kind == "score":
+        return _padded(lambda w, m: patch_scores(w, m, (method, state), tc_index), np.asarray(weak_logits),
+                       np.asarray(module_scores))
+    patched = jcompose.compose_joint(_weak_logits, _module_scores, (method, state), target_index=tc_index)
+    return _padded(lambda w, m: patched({"weak": w, "module": m}), np.asarray(weak_logits),
+                   np.asarray(module_scores))
+
+
+def _fold_ids(labels: np.ndarray, tc_index: int, num_folds: int, seed: int) -> np.ndarray:
+    """A fold per example, stratified by TC / non-TC, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    folds = np.empty(labels.shape[0], np.int64)
+    for group in (labels == tc_index, labels != tc_index):
+        idx = np.flatnonzero(group)
+        folds[rng.permutation(idx)] = np.arange(idx.size) % num_folds
+    return folds
+
+
+def cross_fit_predictions(spec: str, data: DecisionData, tc_index: int, num_folds: int = 5,
+                          seed: int = 0) -> np.ndarray:
+    """Out-of-fold predictions ``(N,)`` of method ``spec`` on ``data``: each fold is predicted by
+    the method fitted on the other folds, so valid figures are not measured on the fit data."""
+    _check_count(num_folds, "num_folds")
+    if num_folds < 2:
+        raise PatchError(f"num_folds must be >= 2 for out-of-fold predictions, got {num_folds}")
+    folds = _fold_ids(np.asarray(data.labels), tc_index, num_folds, seed)
+    preds = np.empty(folds.shape, np.int64)
+    for f in range(num_folds):
+        fit_idx, pred_idx = folds != f, folds == f
+        kind, method, state = fit_decision(spec, DecisionData(*(np.asarray(a)[fit_idx] for a in data)), tc_index)
+        scores = decision_scores(kind, method, state, data.weak_logits[pred_idx], data.module_scores[pred_idx],
+                                 tc_index)
+        preds[pred_idx] = scores.argmax(-1)
+    return preds
+
+
+def _pick(m: dict) -> dict:
+    return {k: float(m[k]) for k in _REPORTED}
+
+
+def gate(before: dict, after: dict, *, objective: str = "tc_f1", non_tc_tolerance: float = 0.0,
+         min_gain: float = 0.0) -> dict:
+    """Accept a patch only when it beats the weak model on valid.
+
+    Accepted iff ``after[objective] > before[objective] + min_gain`` and
+    ``after["non_tc_accuracy"] >= before["non_tc_accuracy"] - non_tc_tolerance`` (fractions).
+
+    Args:
+      before, after: `jaxsplit.metrics.target_class_summary`-style dicts of the weak and the
+        patched model on the weak task's valid split.
+
+    Returns:
+      ``{"accepted", "objective", "before", "after", "non_tc_before", "non_tc_after", "reason"}``;
+      reason reads e.g. "rejected on valid: F1 86.1 -> 84.0".
+    """
+    if objective not in GATE_OBJECTIVES:
+        raise PatchError(f"gate objective must be one of {GATE_OBJECTIVES}, got {objective!r}")
+    label = {"tc_f1": "F1", "accuracy": "accuracy"}[objective]
+    b, a = float(before[objective]), float(after[objective])
+    nb, na = float(before["non_tc_accuracy"]), float(after["non_tc_accuracy"])
+    gain_ok = a > b + min_gain
+    non_tc_ok = na >= nb - non_tc_tolerance
+    accepted = bool(gain_ok and non_tc_ok)
+    reason = f"{'accepted' if accepted else 'rejected'} on valid: {label} {100 * b:.1f} -> {100 * a:.1f}"
+    if not non_tc_ok:
+        reason += f", non-TC accuracy {100 * nb:.1f} -> {100 * na:.1f} (tolerance {100 * non_tc_tolerance:.1f})"
+    elif accepted or gain_ok:
+        reason += f", non-TC accuracy {100 * nb:.1f} -> {100 * na:.1f}"
+    return {"accepted": accepted, "objective": objective, "before": b, "after": a, "non_tc_before": nb,
+            "non_tc_after": na, "reason": reason}
+
+
+def choose_on_valid(valid: DecisionData, tc_index: int, methods: Sequence[str], *, gate_on: bool = True,
+                    objective: str = "tc_f1", non_tc_tolerance: float = 0.0, min_gain: float = 0.0,
+                    num_folds: int = 5, seed: int = 0) -> dict:
+    """Every choice of a TC's patch, made on the weak task's valid split only (no test input).
+
+    For each method: its out-of-fold valid figures (`cross_fit_predictions`), its fit on the
+    whole valid split (the state used on test), and the gate's verdict on the out-of-fold
+    figures (``gate_on=False``: always accepted).
+
+    Returns:
+      ``{"before": weak valid metrics, "methods": {spec: {"after", "gate", "state"}}}`` plus
+      the fitted ``(kind, calibration, state)`` under the private key ``"_fitted"``.
+    """
+    valid = _check_decision_data(valid, tc_index, "valid")
+    num_classes = valid.weak_logits.shape[1]
+    before = metrics.target_class_summary(valid.labels, valid.weak_logits.argmax(-1), num_classes, tc_index)
+    out: dict = {"before": _pick(before), "methods": {}, "_fitted": {}}
+    for spec in methods:
+        preds = cross_fit_predictions(spec, valid, tc_index, num_folds, seed)
+        after = metrics.target_class_summary(valid.labels, preds, num_classes, tc_index)
+        verdict = gate(before, after, objective=objective, non_tc_tolerance=non_tc_tolerance, min_gain=min_gain)
+        if not gate_on:
+            verdict = {**verdict, "accepted": True, "reason": "gate off: " + verdict["reason"].split(" on valid: ")[1]}
+        fitted = fit_decision(spec, valid, tc_index)
+        out["methods"][spec] = {"after": _pick(after), "gate": verdict, "state": _tree_dict(fitted[2])}
+        out["_fitted"][spec] = fitted
+    return out
+
+
+def _tree_dict(state: Any) -> Any:
+    """A fitted state as JSON-ready nested lists / dicts."""
+    if hasattr(state, "_asdict"):
+        return {k: _tree_dict(v) for k, v in state._asdict().items()}
+    if isinstance(state, (tuple, list)):
+        return [_tree_dict(v) for v in state]
+    arr = np.asarray(state)
+    return arr.tolist() if arr.ndim else float(arr)
+
+
+def measure_on_test(choices: dict, test: DecisionData, tc_index: int) -> dict:
+    """Test figures of the choices of `choose_on_valid` (nothing is fitted or chosen here).
+
+    Returns:
+      ``{"before": weak, "methods": {spec: {"patched": m, "final": m}}}``: ``patched`` is the
+      method's patch whatever the gate said, ``final`` what the user gets (the patch when
+      accepted, else the weak model).
+    """
+    test = _check_decision_data(test, tc_index, "test")
+    num_classes = test.weak_logits.shape[1]
+    before = _pick(metrics.target_class_summary(test.labels, test.weak_logits.argmax(-1), num_classes, tc_index))
+    out = {"before": before, "methods": {}}
+    for spec, (kind, method, state) in choices["_fitted"].items():
+        scores = decision_scores(kind, method, state, test.weak_logits, test.module_scores, tc_index)
+        patched = _pick(metrics.target_class_summary(test.labels, scores.argmax(-1), num_classes, tc_index))
+        accepted = choices["methods"][spec]["gate"]["accepted"]
+        out["methods"][spec] = {"patched": patched, "final": patched if accepted else before}
+    return out
+
+
+def patch_decision(valid: DecisionData, test: DecisionData, tc_index: int, methods: Sequence[str],
+                   **choose_kwargs: Any) -> dict:
+    """`choose_on_valid`, then `measure_on_test`: ``{"valid": ..., "test": ...}`` (JSON-ready)."""
+    choices = choose_on_valid(valid, tc_index, methods, **choose_kwargs)
+    test_part = measure_on_test(choices, test, tc_index)
+    choices.pop("_fitted")
+    return {"valid": choices, "test": test_part}
+
+
+def _decision_kwargs(pcfg: Any) -> dict:
+    return {"gate_on": pcfg.gate, "objective": pcfg.gate_objective, "non_tc_tolerance": pcfg.gate_non_tc_tolerance,
+            "min_gain": pcfg.gate_min_gain, "num_folds": pcfg.valid_folds, "seed": pcfg.seed}
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: float(after[k] - before[k]) for k in _REPORTED}
+
+
+SUMMARY_DEFINITIONS = {
+    "improved_both": "test TC precision and TC recall both higher than the weak model's",
+    "worse": "test TC F1 lower than the weak model's",
+    "worse_non_tc": "test non-TC accuracy lower than the weak model's",
+    "low_recall": "TCs whose weak model has test TC recall below 90% (measured, not a choice)",
+    "final": "what the user gets: the patch where the gate accepted it on valid, else the weak model",
+    "valid after": "out-of-fold figures on the weak task's valid split (each fold predicted by a fit on the others)",
+}
+
+
+def decision_summary(per_tc: dict[str, dict], method: str) -> dict:
+    """The per-TC and averaged report of one method after the gate (``results["summary"]``).
+
+    Args:
+      per_tc: ``{tc: entry}`` with ``entry["decision"]`` from `patch_decision` and
+        ``entry["class_name"]``.
+      method: the method spec.
+
+    Returns:
+      JSON-ready: ``method``, ``per_tc`` (list of rows: ``target_class``, ``class_name``,
+      ``accepted``, ``reason``, ``valid`` {before, after}, ``test`` {before, patched, final},
+      ``delta_test`` (final - before), ``improved_both``, ``worse``, ``worse_non_tc``),
+      ``average`` {valid: {before, after}, test: {before, patched, final}, delta_test},
+      ``num_tcs``, ``num_accepted``, ``num_improved_both``, ``num_worse``, ``num_worse_non_tc``,
+      ``low_recall`` {target_classes, delta_tc_f1}, ``definitions``.
+    """
+    rows = []
+    for tc, entry in per_tc.items():
+        d = entry["decision"]
+        v, t = d["valid"]["methods"][method], d["test"]["methods"][method]
+        before, final = d["test"]["before"], t["final"]
+        delta = _delta(final, before)
+        rows.append({
+            "target_class": int(entry.get("target_class", tc)), "class_name": entry.get("class_name", str(tc)),
+            "accepted": v["gate"]["accepted"], "reason": v["gate"]["reason"],
+            "valid": {"before": d["valid"]["before"], "after": v["after"]},
+            "test": {"before": before, "patched": t["patched"], "final": final},
+            "delta_test": delta,
+            "improved_both": bool(delta["tc_precision"] > 0 and delta["tc_recall"] > 0),
+            "worse": bool(delta["tc_f1"] < 0), "worse_non_tc": bool(delta["non_tc_accuracy"] < 0)})
+    if not rows:
+        raise PatchError("no target class to summarise")
+
+    def mean(get: Callable[[dict], dict]) -> dict:
+        return {k: float(np.mean([get(r)[k] for r in rows])) for k in _REPORTED}
+
+    average = {"valid": {"before": mean(lambda r: r["valid"]["before"]), "after": mean(lambda r: r["valid"]["after"])},
+               "test": {s: mean(lambda r, s=s: r["test"][s]) for s in ("before", "patched", "final")}}
+    average["delta_test"] = _delta(average["test"]["final"], average["test"]["before"])
+    low = [r for r in rows if r["test"]["before"]["tc_recall"] < 0.9]
+    return {
+        "method": method,
+        "per_tc": rows,
+        "average": average,
+        "num_tcs": len(rows),
+        "num_accepted": sum(r["accepted"] for r in rows),
+        "num_improved_both": sum(r["improved_both"] for r in rows),
+        "num_worse": sum(r["worse"] for r in rows),
+        "num_worse_non_tc": sum(r["worse_non_tc"] for r in rows),
+        "low_recall": {"target_classes": [r["target_class"] for r in low],
+                       "delta_tc_f1": float(np.mean([r["delta_test"]["tc_f1"] for r in low])) if low else None},
+        "definitions": SUMMARY_DEFINITIONS,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """Plain-text per-TC table of a `decision_summary` (test split, weak -> what the user gets)."""
+    def pair(b: dict, a: dict, k: str) -> str:
+        return f"{100 * b[k]:6.2f} -> {100 * a[k]:6.2f}"
+
+    lines = [f"patch method {summary['method']} with the validation gate (test split: weak -> final)",
+             f"{'TC':<16} {'gate':<9} {'TC precision %':>16}   {'TC recall %':>16}   {'TC F1 %':>16}   "
+             f"{'non-TC acc %':>16}   valid"]
+    for r in summary["per_tc"]:
+        b, f = r["test"]["before"], r["test"]["final"]
+        lines.append(f"{str(r['target_class']) + ' ' + r['class_name']:<16} "
+                     f"{'accepted' if r['accepted'] else 'rejected':<9} "
+                     + "   ".join(pair(b, f, k) for k in ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy"))
+                     + f"   {r['reason'].split(' on valid: ')[1]}")
+    avg = summary["average"]["test"]
+    lines.append(f"{'mean':<16} {'':<9} " + "   ".join(pair(avg["before"], avg["final"], k) for k in
+                                                     ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy")))
+    low = summary["low_recall"]
+    lines.append(f"{summary['num_accepted']}/{summary['num_tcs']} accepted; improved on both precision and recall: "
+                 f"{summary['num_improved_both']}; worse TC F1: {summary['num_worse']}; worse non-TC accuracy: "
+                 f"{summary['num_worse_non_tc']}"
+                 + (f"; TCs with weak recall < 90% {low['target_classes']}: TC F1 {100 * low['delta_tc_f1']:+.2f} pts"
+                    if low["target_classes"] else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # Aggregation over target classes.
 
 _AVERAGED = ("tc_precision", "tc_recall", "tc_f1", "non_tc_accuracy", "accuracy", "tc_ece")
@@ -620,7 +999,9 @@ def load_cifar100_cifar10(data_cfg: Any, stats: dict) -> dict[str, jdata.Dataset
 # Patch fields that do not change a weak model: excluded from its cached config, so that trying
 # other calibrations or target classes reuses the trained weak models.
 _NOT_WEAK_FIELDS = ("target_classes", "calibrations", "calibration_bins", "poor_fit",
-                    "underfit_epochs", "overfit_epochs", "poor_fit_images_per_class")
+                    "underfit_epochs", "overfit_epochs", "poor_fit_images_per_class", "method",
+                    "decision_methods", "gate", "gate_objective", "gate_non_tc_tolerance", "gate_min_gain",
+                    "valid_folds")
 
 
 def weak_config(run_cfg: Any, pcfg: Any, task: PatchTask) -> Any:
@@ -885,6 +1266,43 @@ def _column_predict(model: Any, params: Any, column: int, batch_size: int) -> Pr
 # The driver.
 
 
+def _tc_name(task: PatchTask) -> str:
+    names = task.test.class_names
+    return str(names[task.tc_index]) if names is not None else str(task.target_class)
+
+
+def evaluate_decisions(weak_predict: PredictFn, module_predict: PredictFn, task: PatchTask, pcfg: Any,
+                       weak_test_logits: np.ndarray | None = None) -> dict:
+    """`patch_decision` of one weak model and one module over a task: every method of
+    ``pcfg.decision_methods`` (and ``pcfg.method``) is fitted and gated on ``task.valid``, then
+    measured on ``task.test``."""
+    if weak_test_logits is None:
+        weak_test_logits = weak_predict(task.test.images)
+    valid = DecisionData(np.asarray(weak_predict(task.valid.images)),
+                         _as_scores(np.asarray(module_predict(task.valid.images)), "module_predict"),
+                         task.valid.labels)
+    test = DecisionData(np.asarray(weak_test_logits),
+                        _as_scores(np.asarray(module_predict(task.test.images)), "module_predict"),
+                        task.test.labels)
+    methods = list(dict.fromkeys([pcfg.method, *pcfg.decision_methods]))
+    return patch_decision(valid, test, task.tc_index, methods, **_decision_kwargs(pcfg))
+
+
+def summary_blocks(per_tc: dict[str, dict], pcfg: Any) -> dict:
+    """``{"summary": decision_summary(pcfg.method), "summary_by_method": {spec: ...},
+    "decision_settings": {...}}`` for a results dict."""
+    methods = list(dict.fromkeys([pcfg.method, *pcfg.decision_methods]))
+    return {
+        "summary": decision_summary(per_tc, pcfg.method),
+        "summary_by_method": {m: decision_summary(per_tc, m) for m in methods},
+        "decision_settings": {"method": pcfg.method, "decision_methods": methods, "gate": pcfg.gate,
+                              "gate_objective": pcfg.gate_objective,
+                              "gate_non_tc_tolerance": pcfg.gate_non_tc_tolerance,
+                              "gate_min_gain": pcfg.gate_min_gain, "valid_folds": pcfg.valid_folds,
+                              "fit_split": "the weak task's valid split (TC and non-TC images); test only measured"},
+    }
+
+
 def _load_tasks(pcfg: Any, data_cfg: Any) -> tuple[Callable[[int], PatchTask], jdata.Dataset, dict]:
     """``(make_task(tc), strong_valid, strong_stats)`` for the run's data and patch settings."""
     s_train, s_valid, s_test, s_stats = pipeline.load_splits(data_cfg)
@@ -947,6 +1365,8 @@ def format_table(results: dict) -> str:
     lines.append(f"acceptance ({acc['calibration']}): {'PASSED' if acc['passed'] else 'NOT passed'} "
                  f"(precision {100 * acc['delta_tc_precision']:+.2f}, recall {100 * acc['delta_tc_recall']:+.2f}, "
                  f"non-TC {100 * acc['delta_non_tc_accuracy']:+.2f} pts)")
+    if "summary" in results:
+        lines.append(format_summary(results["summary"]))
     return "\n".join(lines)
 
 
@@ -974,8 +1394,6 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
     Returns:
       The results dict, also written to ``patch/patch_results.json``.
     """
-    import datetime
-    import time
 
 
     t_start = time.perf_counter()
@@ -1005,7 +1423,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         names = strong_valid.class_names
         label = f"target class {tc} ({names[lc]})" if names else f"target class {tc}"
         if verbose:
-            print(f"[patch {i + 1}/{len(target_classes)}] {label}: weak model in "
+            log.info(f"[patch {i + 1}/{len(target_classes)}] {label}: weak model in "
                   f"{out_dir / f'weak_tc{tc}'}", flush=True)
         tc_valid = strong_valid.images[strong_valid.labels == lc]
         if len(tc_valid) == 0:
@@ -1014,7 +1432,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         weak_model, weak_params, weak_metrics, reused = train_weak(wcfg, task, out_dir / f"weak_tc{tc}",
                                                                    progress=progress)
         if verbose:
-            print(f"  {'reused the cached' if reused else 'trained the'} weak model "
+            log.info(f"  {'reused the cached' if reused else 'trained the'} weak model "
                   f"(test accuracy {weak_metrics.get('test_accuracy', float('nan')):.4f}); "
                   f"evaluating the patches of {label}", flush=True)
         small_model, small_params, stats = tc_module(model, params, masks, lc)
@@ -1026,14 +1444,16 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
             logits = weak_predict(task.test.images)
             mod = evaluate_patch(weak_predict, module_predict, task, tc_valid, calibrations,
                                  num_bins=pcfg.calibration_bins, weak_test_logits=logits)
-            out = {"before": mod["before"], "module_patch": mod["after"]}
+            out = {"before": mod["before"], "module_patch": mod["after"],
+                   "decision": evaluate_decisions(weak_predict, module_predict, task, pcfg, logits)}
             if baseline:
                 whole = evaluate_patch(weak_predict, whole_predict, task, tc_valid, calibrations,
                                        num_bins=pcfg.calibration_bins, weak_test_logits=logits)
                 out["whole_model_patch"] = whole["after"]
             return out
 
-        entry = {"target_class": tc, "strong_class": lc, "task": {"name": task.name, "counts": task.counts()},
+        entry = {"target_class": tc, "class_name": _tc_name(task), "strong_class": lc,
+                 "task": {"name": task.name, "counts": task.counts()},
                  "weak": _weak_entry(weak_metrics, reused), "module": stats,
                  "num_tc_valid_images": int(len(tc_valid)), **patch_one(weak_model, weak_params)}
         if pcfg.poor_fit:
@@ -1070,6 +1490,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         "per_tc": per_tc,
         "average": average,
         "acceptance": acceptance(average, calibrations[0]),
+        **summary_blocks(per_tc, pcfg),
         "elapsed_s": time.perf_counter() - t_start,
         "machine": jtrain.machine_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

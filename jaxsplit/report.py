@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from jaxsplit.errors import JaxsplitError
+
 __all__ = ["write_report", "render_report", "ReportError"]
 
 MAX_ROWS = 20  # rows of a record table before it is cut
@@ -37,7 +39,7 @@ MAX_INLINE = 12  # a list of scalars longer than this is summarised
 HIDDEN_KEYS = frozenset({"stats_source", "class_names", "data"})
 
 
-class ReportError(FileNotFoundError):
+class ReportError(JaxsplitError, FileNotFoundError):
     """The run folder does not exist."""
 
 
@@ -191,7 +193,7 @@ def _config_section(run_dir: Path) -> list[str]:
             val = ", ".join(f"{k}={_fmt(sec[k]) if _is_scalar(sec[k]) else sec[k]}" for k in keys if k in sec)
             rows.append((section, val))
     lines += _table(["section", "settings"], rows) if rows else []
-    lines += [f"Full resolved config: [`config.yaml`](config.yaml).", ""]
+    lines += ["Full resolved config: [`config.yaml`](config.yaml).", ""]
     return lines
 
 

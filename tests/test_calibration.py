@@ -285,3 +285,110 @@ def test_ece_of_bernoulli_labels_is_small():
         assert float(calib.expected_calibration_error(p, y)) < 0.03
         # A systematically over-confident predictor is clearly worse.
         assert float(calib.expected_calibration_error(np.sqrt(p), y)) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid-fitted methods: logistic combination, decision threshold, chain.
+
+
+def test_threshold_on_separable_scores_sits_between_the_classes():
+    scores = jnp.array([0.0, 1.0, 2.0, 5.0, 6.0, 7.0])
+    labels = jnp.array([0, 0, 0, 1, 1, 1])
+    for objective in ("f1", "accuracy"):
+        method = calib.threshold(objective)
+        state = method.fit(scores, labels)
+        assert float(state.threshold) == pytest.approx(3.5)
+        out = method.apply(state, jnp.array([2.0, 3.4, 3.6, 5.0]))
+        np.testing.assert_array_equal(np.asarray(out) > 0.5, [False, False, True, True])
+
+
+def test_threshold_objectives_pick_their_own_optimum():
+    # 2 TC at the top, then 3 negatives, then 3 TC, then 2 negatives: F1 prefers calling the top
+    # 8 TC (F1 10/13 = 0.77), accuracy only the top 2 (7/10).
+    scores = jnp.arange(10.0, 0.0, -1.0)  # 10, 9, ..., 1
+    labels = jnp.array([1, 1, 0, 0, 0, 1, 1, 1, 0, 0])
+    f1 = calib.threshold("f1").fit(scores, labels)
+    acc = calib.threshold("accuracy").fit(scores, labels)
+    assert float(f1.threshold) == pytest.approx(2.5)  # TC = 10..3: F1 2*5/(8+5) = 0.769
+    assert float(acc.threshold) == pytest.approx(8.5)  # TC = 10, 9: accuracy 7/10
+    # no threshold does better than the chosen one on its objective
+    for t in np.arange(0.5, 11.0, 1.0):
+        pred = np.asarray(scores) > t
+        tp = np.sum(pred & (np.asarray(labels) == 1))
+        assert 2 * tp / (pred.sum() + 5) <= 2 * 5 / 13 + 1e-9
+        assert np.mean(pred == (np.asarray(labels) == 1)) <= 0.7 + 1e-9
+
+
+def test_threshold_logit_space_at_one_half_keeps_probabilities():
+    probs = jnp.array([0.1, 0.3, 0.7, 0.9])
+    state = calib.threshold("f1", space="logit").fit(probs, jnp.array([0, 0, 1, 1]))
+    assert float(state.threshold) == pytest.approx(0.0, abs=1e-6)  # logit(0.3) and logit(0.7) mirror
+    np.testing.assert_allclose(calib.threshold(space="logit").apply(state, probs), probs, rtol=1e-5)
+
+
+def test_threshold_ties_and_errors():
+    # tied scores are never split by the cut
+    state = calib.threshold().fit(jnp.array([1.0, 1.0, 1.0, 0.0]), jnp.array([1, 0, 1, 0]))
+    assert float(state.threshold) == pytest.approx(0.5)
+    with pytest.raises(CalibrationError, match="objective must be one of"):
+        calib.threshold("precision")
+    with pytest.raises(CalibrationError, match="space must be"):
+        calib.threshold(space="log")
+    with pytest.raises(CalibrationError, match="labelled data"):
+        calib.threshold().fit(jnp.array([0.0, 1.0]))
+    with pytest.raises(CalibrationError, match="both classes"):
+        calib.threshold().fit(jnp.array([0.0, 1.0]), jnp.array([1, 1]))
+
+
+def _two_feature_data(seed, num=2000):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num, 2)).astype(np.float32) * np.array([3.0, 0.5], np.float32)
+    logit = 1.0 * x[:, 0] - 4.0 * x[:, 1] + 0.5
+    y = (rng.random(num) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int32)
+    return x, y
+
+
+def test_logistic_weight_signs_probabilities_and_determinism():
+    x, y = _two_feature_data(0)
+    method = calib.logistic()
+    state = method.fit(x, y)
+    w_raw = np.asarray(state.weights) / np.asarray(state.scale)  # weights on the raw features
+    assert w_raw[0] > 0 and w_raw[1] < 0
+    weak_penalty = calib.logistic(l2=1e-5).fit(x, y)  # nearly the maximum-likelihood fit
+    np.testing.assert_allclose(np.asarray(weak_penalty.weights) / np.asarray(weak_penalty.scale),
+                               [1.0, -4.0], rtol=0.1)
+    p = np.asarray(method.apply(state, x))
+    assert p.shape == (len(y),) and np.all((p > 0) & (p < 1))
+    assert np.mean((p > 0.5) == (y == 1)) > 0.8
+    again = method.fit(x, y)
+    for a, b in zip(state, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_logistic_l2_shrinks_and_one_feature_works():
+    x, y = _two_feature_data(1)
+    small = calib.logistic(l2=1e-3).fit(x, y)
+    big = calib.logistic(l2=10.0).fit(x, y)
+    assert np.linalg.norm(big.weights) < 0.5 * np.linalg.norm(small.weights)
+    one = calib.logistic().fit(x[:, 1], y)  # (N,) is one feature
+    assert one.weights.shape == (1,) and float(one.weights[0]) < 0
+    with pytest.raises(CalibrationError, match="labelled data"):
+        calib.logistic().fit(x)
+    with pytest.raises(CalibrationError, match="l2 must be"):
+        calib.logistic(l2=-1.0)
+    with pytest.raises(CalibrationError, match="non-finite"):
+        calib.logistic().fit(np.array([[0.0, np.nan], [1.0, 2.0]]), np.array([0, 1]))
+
+
+def test_chain_equals_fitting_one_after_the_other():
+    x, y = _two_feature_data(2)
+    first, second = calib.logistic(), calib.threshold("f1", space="logit")
+    chained = calib.chain(first, second)
+    state = chained.fit(x, y)
+    s1 = first.fit(x, y)
+    s2 = second.fit(first.apply(s1, x), y)
+    np.testing.assert_allclose(state.states[1].threshold, s2.threshold, rtol=1e-6)
+    np.testing.assert_allclose(chained.apply(state, x), second.apply(s2, first.apply(s1, x)), rtol=1e-6)
+    assert calib.get("logistic") is not None and calib.get("threshold", objective="accuracy") is not None
+    with pytest.raises(CalibrationError, match="chain"):
+        calib.chain()

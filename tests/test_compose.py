@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxsplit import calibration as calib
+from jaxsplit import compose as jcompose
 from jaxsplit.compose import (
     CompositionError,
     as_calibrate_fn,
@@ -260,3 +261,25 @@ def test_flax_models_composed_jitted_equal_eager():
     np.testing.assert_allclose([fitted.min(), fitted.max()], [0.0, 1.0], atol=1e-6)
     vmapped = jax.vmap(patched)(images)
     np.testing.assert_allclose(vmapped[1], eager, rtol=1e-5, atol=1e-6)
+
+
+def test_joint_features_and_compose_joint_decide_by_the_calibrated_score():
+    logits = jnp.array([[1.0, 2.0, 0.0], [0.0, 0.0, 3.0], [2.0, 0.0, 1.0]])
+    module = jnp.array([5.0, -1.0, 0.5])
+    feats = jcompose.joint_features(logits, module)
+    p = jax.nn.softmax(logits, axis=-1)[:, 2]
+    np.testing.assert_allclose(feats[:, 0], module)
+    np.testing.assert_allclose(feats[:, 1], np.log(p / (1 - p)), rtol=1e-5)
+    c = jnp.array([0.7, 0.2, 0.51])
+    patched = jcompose.compose_joint(lambda x: logits, lambda x: module, lambda f: c)
+    scores = patched(None)
+    np.testing.assert_allclose(scores[:, 2], c)
+    # TC iff c > 0.5, otherwise the weak model's best non-TC class (with score 1 - c)
+    np.testing.assert_array_equal(scores.argmax(-1), [2, 0, 2])
+    np.testing.assert_allclose(scores[1, :2], [0.8, 0.8])
+    np.testing.assert_allclose(scores[0, :2], [0.3 * np.exp(-1.0), 0.3], rtol=1e-5)
+    # TC in the middle column
+    mid = jcompose.compose_joint(lambda x: logits, lambda x: module, lambda f: c, target_index=1)(None)
+    np.testing.assert_allclose(mid[:, 1], c)
+    with pytest.raises(CompositionError, match="out of range"):
+        jcompose.joint_features(logits, module, target_index=3)

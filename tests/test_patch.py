@@ -342,3 +342,144 @@ def test_run_patch_needs_masks(tmp_path):
     checkpoint.save_model(run, init_params(model, jax.random.key(0)), cfg, {}, model=model)
     with pytest.raises(FileNotFoundError, match="jaxsplit modularize"):
         patch.run_patch(run, cfg, progress=False, verbose=False)
+
+
+# -- valid-fitted patches, the validation gate, the summary ---------------------------------------
+
+
+def _toy_split(seed, n=1200, k=4, weak_tc_recall_low=False, module_fires_on=None):
+    """Labels 0..k-1 (TC = k-1); a weak model right ~90% of the time; a module score that
+    separates the TC (and, with ``module_fires_on``, also fires on that non-TC class)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)).astype(np.float32)
+    logits[np.arange(n), labels] += 2.5
+    if weak_tc_recall_low:  # the weak model rarely predicts its TC
+        logits[:, k - 1] -= 2.5
+    module = rng.normal(size=n).astype(np.float32) + 5.0 * (labels == k - 1)
+    if module_fires_on is not None:
+        module += 5.0 * (labels == module_fires_on)
+    return patch.DecisionData(logits, module, labels)
+
+
+def test_gate_reason_and_tolerance():
+    before = {"tc_f1": 0.861, "non_tc_accuracy": 0.9}
+    g = patch.gate(before, {"tc_f1": 0.840, "non_tc_accuracy": 0.9})
+    assert not g["accepted"] and g["reason"].startswith("rejected on valid: F1 86.1 -> 84.0")
+    g = patch.gate(before, {"tc_f1": 0.88, "non_tc_accuracy": 0.895})
+    assert not g["accepted"] and "non-TC accuracy 90.0 -> 89.5" in g["reason"]
+    assert patch.gate(before, {"tc_f1": 0.88, "non_tc_accuracy": 0.895}, non_tc_tolerance=0.01)["accepted"]
+    assert not patch.gate(before, {"tc_f1": 0.865, "non_tc_accuracy": 0.9}, min_gain=0.01)["accepted"]
+    with pytest.raises(patch.PatchError, match="gate objective"):
+        patch.gate(before, before, objective="recall")
+
+
+def test_gate_keeps_the_weak_model_when_the_patch_is_worse_on_valid():
+    # the module also fires on non-TC class 0 (a class the strong model never saw): the
+    # reference's min-max patch then calls class-0 images TC, F1 falls and the gate says no
+    valid, test = _toy_split(0, module_fires_on=0), _toy_split(1, module_fires_on=0)
+    out = patch.patch_decision(valid, test, 3, ["min_max"])
+    m = out["valid"]["methods"]["min_max"]
+    assert m["after"]["tc_f1"] < out["valid"]["before"]["tc_f1"]
+    assert not m["gate"]["accepted"] and m["gate"]["reason"].startswith("rejected on valid: F1")
+    t = out["test"]["methods"]["min_max"]
+    assert t["final"] == out["test"]["before"] and t["patched"]["tc_f1"] < t["final"]["tc_f1"]
+    # with the gate off the (worse) patch is applied
+    off = patch.patch_decision(valid, test, 3, ["min_max"], gate_on=False)
+    assert off["valid"]["methods"]["min_max"]["gate"]["accepted"]
+    assert off["test"]["methods"]["min_max"]["final"] == off["test"]["methods"]["min_max"]["patched"]
+
+
+def test_gate_applies_a_patch_that_is_better_on_valid():
+    valid, test = _toy_split(2, weak_tc_recall_low=True), _toy_split(3, weak_tc_recall_low=True)
+    # (a 1-point non-TC tolerance: the module-only rule trades 0.5 non-TC points for +55 F1 here)
+    out = patch.patch_decision(valid, test, 3, ["logistic", "logistic+f1", "module+f1"], non_tc_tolerance=0.01)
+    for spec in ("logistic", "logistic+f1", "module+f1"):
+        v, t = out["valid"]["methods"][spec], out["test"]["methods"][spec]
+        assert v["gate"]["accepted"], (spec, v["gate"]["reason"])
+        assert t["final"] == t["patched"]
+        assert t["final"]["tc_f1"] > out["test"]["before"]["tc_f1"] + 0.1
+    # the logistic combination trusts the module (positive weight on its logit)
+    assert out["valid"]["methods"]["logistic"]["state"]["weights"][0] > 0
+
+
+def test_logistic_learns_to_distrust_the_module_on_classes_it_never_saw():
+    valid, test = _toy_split(4, module_fires_on=0), _toy_split(5, module_fires_on=0)
+    out = patch.patch_decision(valid, test, 3, ["min_max", "logistic+f1"])
+    v = out["valid"]["methods"]
+    assert v["logistic+f1"]["after"]["tc_f1"] > v["min_max"]["after"]["tc_f1"]
+    t = out["test"]["methods"]
+    assert t["logistic+f1"]["patched"]["tc_f1"] >= out["test"]["before"]["tc_f1"] - 0.02
+
+
+def test_choices_never_read_the_test_split():
+    valid, test = _toy_split(6, weak_tc_recall_low=True), _toy_split(7, weak_tc_recall_low=True)
+    methods = ["min_max", "module+f1", "logistic", "logistic+f1"]
+    ref = patch.patch_decision(valid, test, 3, methods)
+    rng = np.random.default_rng(0)
+    for poisoned in (np.full_like(test.labels, 3), np.zeros_like(test.labels), rng.permutation(test.labels)):
+        out = patch.patch_decision(valid, test._replace(labels=poisoned), 3, methods)
+        assert out["valid"] == ref["valid"]  # states, out-of-fold figures, accept/reject: all equal
+    assert out["test"] != ref["test"]  # ... while the test figures do see the labels
+
+
+def test_cross_fit_is_deterministic_and_out_of_fold():
+    valid = _toy_split(8, weak_tc_recall_low=True)
+    a = patch.cross_fit_predictions("logistic+f1", valid, 3, num_folds=4, seed=1)
+    b = patch.cross_fit_predictions("logistic+f1", valid, 3, num_folds=4, seed=1)
+    np.testing.assert_array_equal(a, b)
+    folds = patch._fold_ids(valid.labels, 3, 4, 1)
+    assert sorted(np.bincount(folds).tolist())[-1] - sorted(np.bincount(folds).tolist())[0] <= 2
+    with pytest.raises(patch.PatchError, match="num_folds"):
+        patch.cross_fit_predictions("logistic", valid, 3, num_folds=1)
+    with pytest.raises(patch.PatchError, match="unknown patch method"):
+        patch.decision_method("logistic+recall")
+
+
+def test_decision_summary_counts_and_averages():
+    per_tc = {}
+    for tc, kw in ((0, {"weak_tc_recall_low": True}), (1, {"module_fires_on": 0})):
+        d = patch.patch_decision(_toy_split(10 + tc, **kw), _toy_split(20 + tc, **kw), 3, ["min_max"])
+        per_tc[str(tc)] = {"target_class": tc, "class_name": f"c{tc}", "decision": d}
+    s = patch.decision_summary(per_tc, "min_max")
+    assert s["num_tcs"] == 2 and [r["class_name"] for r in s["per_tc"]] == ["c0", "c1"]
+    assert s["num_accepted"] == 1 and s["per_tc"][0]["accepted"] and not s["per_tc"][1]["accepted"]
+    assert s["per_tc"][1]["delta_test"]["tc_f1"] == 0.0  # rejected: the weak model is kept
+    assert s["num_improved_both"] + s["num_worse"] <= 2
+    f1 = [r["test"]["final"]["tc_f1"] for r in s["per_tc"]]
+    assert s["average"]["test"]["final"]["tc_f1"] == pytest.approx(np.mean(f1))
+    text = patch.format_summary(s)
+    assert "0 c0" in text and "rejected" in text and "1/2 accepted" in text
+
+
+def test_run_patch_choices_ignore_poisoned_test_labels(tmp_path, monkeypatch):
+    from jaxsplit import masks as masks_lib
+    from jaxsplit import train as jtrain
+
+    cfg = _e2e_config(poor_fit=False, calibrations=["min_max"])
+    run = tmp_path / "tiny"
+    strong = jtrain.train_and_evaluate(cfg, run, progress=False)
+    spec = strong.model.conv_spec()
+    full = masks_lib.full(spec, (strong.model.num_classes,))
+    (run / "modularize").mkdir()
+    np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
+    ref = patch.run_patch(run, cfg, progress=False, verbose=False, plots=False)
+    assert set(ref["summary"]) >= {"method", "per_tc", "average", "num_improved_both", "num_worse"}
+    assert ref["summary"]["method"] == cfg.patch.method
+    assert set(ref["summary_by_method"]) == {cfg.patch.method, *cfg.patch.decision_methods}
+    assert "gate" in patch.format_table(ref)
+
+    original = patch.make_self_task
+
+    def poisoned_task(*args, **kwargs):
+        task = original(*args, **kwargs)
+        bad = dataclasses.replace(task.test, labels=np.full_like(task.test.labels, task.tc_index))
+        return dataclasses.replace(task, test=bad)
+
+    monkeypatch.setattr(patch, "make_self_task", poisoned_task)
+    out = patch.run_patch(run, cfg, progress=False, verbose=False, plots=False)
+    for tc in ref["per_tc"]:
+        assert out["per_tc"][tc]["weak"]["reused"]
+        assert out["per_tc"][tc]["decision"]["valid"] == ref["per_tc"][tc]["decision"]["valid"]
+        assert out["per_tc"][tc]["decision"]["test"] != ref["per_tc"][tc]["decision"]["test"]
+    assert [r["accepted"] for r in out["summary"]["per_tc"]] == [r["accepted"] for r in ref["summary"]["per_tc"]]

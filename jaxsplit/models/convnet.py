@@ -21,8 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxsplit.errors import JaxsplitError
 
-class ModelInputError(ValueError):
+
+class ModelInputError(JaxsplitError, ValueError):
     """An input or mask that does not fit the model."""
 
 

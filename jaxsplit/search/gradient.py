@@ -60,6 +60,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jaxsplit.errors import JaxsplitError
 from jaxsplit.search.config import GradientConfig
 
 __all__ = [
@@ -78,7 +79,7 @@ CKPT_PREFIX = "epoch_"
 KEEP_CHECKPOINTS = 2
 
 
-class GradientError(ValueError):
+class GradientError(JaxsplitError, ValueError):
     """Inputs the gradient searcher cannot use (shapes, sites, checkpoints)."""
 
 

@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxsplit.errors import JaxsplitError
+
 # driver/sharding are imported inside run_search: importing them starts a JAX backend, and
 # jax.distributed.initialize must come first.
 
@@ -44,7 +46,7 @@ ENV_NUM_PROCESSES = "JAXSPLIT_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXSPLIT_PROCESS_ID"
 
 
-class MultiHostError(ValueError):
+class MultiHostError(JaxsplitError, ValueError):
     """Bad distributed settings."""
 
 
