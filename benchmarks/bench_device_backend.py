@@ -85,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         fn = E.make_evaluator(model, backend, chunk_individuals=args.chunk_individuals,
                               chunk_images=args.images, **(options if backend != "reference" else {}))
         t0 = time.perf_counter()
-        L0 = np.asarray(fn(params, masks_list[0], images, classes))
+        L0 = np.asarray(fn({"params": params}, masks_list[0], images, classes))
         first = time.perf_counter() - t0
         times = []
         for m in masks_list[1:]:
             t0 = time.perf_counter()
-            BE.block(fn(params, m, images, classes))
+            BE.block(fn({"params": params}, m, images, classes))
             times.append(time.perf_counter() - t0)
         median = statistics.median(times)
         rec = {"median_s": median, "times_s": times, "compile_s": max(0.0, first - median),

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -178,6 +177,7 @@ def _other_loop() -> str:
 
 
 def _jax_point(evaluate_fn, params, masks_list, images, classes) -> dict[str, Any]:
+    params = {"params": params}  # evaluators take the full variables dict
     x, cls = jnp.asarray(images), jnp.asarray(classes)
     t0 = time.perf_counter()
     out = np.asarray(evaluate_fn(params, masks_list[0], x, cls))
@@ -343,7 +343,7 @@ def step_generation(plan, deadline: float, result: dict) -> dict[str, Any]:
     bits = D.initial_population(jax.random.key(1), problem, pop, settings)
     carry = D.init_carry(jax.random.key(2), problem, bits)
     place = input_placement(evaluate_fn)
-    dev_params = D._strong(params, place)
+    dev_params = D._strong({"params": params}, place)
     dev = D._strong((images, labels, classes), place)
     step = D.make_step(problem)
     t0 = time.perf_counter()

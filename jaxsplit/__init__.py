@@ -14,14 +14,28 @@ from jaxsplit import extract, masks, models  # noqa: F401
 from jaxsplit.extract import gather, module_stats  # noqa: F401
 from jaxsplit.graph import Graph, GraphError, Site, trace  # noqa: F401
 from jaxsplit.masks import apply_masks, masked_apply  # noqa: F401
-from jaxsplit import modularize  # noqa: F401  (a callable module: jaxsplit.modularize(apply_fn, ...))
-from jaxsplit.modularize import (  # noqa: F401
-    Modules,
-    ModularizeState,
-    modularize_init,
-    modularize_step,
-)
 from jaxsplit.search.config import SearchConfig  # noqa: F401
+
+# The search API imports evosax, whose import already starts JAX's backend; that must wait until
+# a multi-process program has called `jax.distributed.initialize` (jaxsplit.search.multihost),
+# so these names are loaded on first use (PEP 562).
+_LAZY = {"modularize": None, "Modules": "Modules", "ModularizeState": "ModularizeState",
+         "modularize_init": "modularize_init", "modularize_step": "modularize_step"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module("jaxsplit.modularize")  # a callable module
+        value = module if _LAZY[name] is None else getattr(module, _LAZY[name])
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jaxsplit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = ["Graph", "GraphError", "Modules", "ModularizeState", "SearchConfig", "Site",
            "apply_masks", "extract", "gather", "masked_apply", "masks", "models", "modularize",

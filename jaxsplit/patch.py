@@ -759,12 +759,21 @@ def choose_on_valid(valid: DecisionData, tc_index: int, methods: Sequence[str], 
     before = metrics.target_class_summary(valid.labels, valid.weak_logits.argmax(-1), num_classes, tc_index)
     out: dict = {"before": _pick(before), "methods": {}, "_fitted": {}}
     for spec in methods:
-        preds = cross_fit_predictions(spec, valid, tc_index, num_folds, seed)
+        try:
+            preds = cross_fit_predictions(spec, valid, tc_index, num_folds, seed)
+            fitted = fit_decision(spec, valid, tc_index)
+        except calib.CalibrationError as e:  # e.g. constant scores in a small fold: keep the weak model
+            reason = f"rejected on valid: {spec} cannot be fitted on this valid split ({e})"
+            out["methods"][spec] = {"after": _pick(before), "state": None, "gate": {
+                "accepted": False, "objective": objective, "before": float(before[objective]),
+                "after": float(before[objective]), "non_tc_before": float(before["non_tc_accuracy"]),
+                "non_tc_after": float(before["non_tc_accuracy"]), "reason": reason}}
+            out["_fitted"][spec] = None
+            continue
         after = metrics.target_class_summary(valid.labels, preds, num_classes, tc_index)
         verdict = gate(before, after, objective=objective, non_tc_tolerance=non_tc_tolerance, min_gain=min_gain)
         if not gate_on:
             verdict = {**verdict, "accepted": True, "reason": "gate off: " + verdict["reason"].split(" on valid: ")[1]}
-        fitted = fit_decision(spec, valid, tc_index)
         out["methods"][spec] = {"after": _pick(after), "gate": verdict, "state": _tree_dict(fitted[2])}
         out["_fitted"][spec] = fitted
     return out
@@ -792,7 +801,11 @@ def measure_on_test(choices: dict, test: DecisionData, tc_index: int) -> dict:
     num_classes = test.weak_logits.shape[1]
     before = _pick(metrics.target_class_summary(test.labels, test.weak_logits.argmax(-1), num_classes, tc_index))
     out = {"before": before, "methods": {}}
-    for spec, (kind, method, state) in choices["_fitted"].items():
+    for spec, fitted in choices["_fitted"].items():
+        if fitted is None:  # could not be fitted on valid: the weak model is kept
+            out["methods"][spec] = {"patched": before, "final": before}
+            continue
+        kind, method, state = fitted
         scores = decision_scores(kind, method, state, test.weak_logits, test.module_scores, tc_index)
         patched = _pick(metrics.target_class_summary(test.labels, scores.argmax(-1), num_classes, tc_index))
         accepted = choices["methods"][spec]["gate"]["accepted"]
@@ -1424,7 +1437,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         label = f"target class {tc} ({names[lc]})" if names else f"target class {tc}"
         if verbose:
             log.info(f"[patch {i + 1}/{len(target_classes)}] {label}: weak model in "
-                  f"{out_dir / f'weak_tc{tc}'}", flush=True)
+                  f"{out_dir / f'weak_tc{tc}'}")
         tc_valid = strong_valid.images[strong_valid.labels == lc]
         if len(tc_valid) == 0:
             raise PatchError(f"the strong model's valid split has no image of target class {tc}")
@@ -1434,7 +1447,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         if verbose:
             log.info(f"  {'reused the cached' if reused else 'trained the'} weak model "
                   f"(test accuracy {weak_metrics.get('test_accuracy', float('nan')):.4f}); "
-                  f"evaluating the patches of {label}", flush=True)
+                  f"evaluating the patches of {label}")
         small_model, small_params, stats = tc_module(model, params, masks, lc)
         module_predict = _column_predict(small_model, small_params, lc, batch_size)
         whole_predict = _column_predict(model, params, lc, batch_size)

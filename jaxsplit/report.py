@@ -482,10 +482,40 @@ def _summary_section(run_dir: Path) -> list[str]:
                 f"{_signed_pts(acc.get('delta_tc_precision'))}, TC recall {_signed_pts(acc.get('delta_tc_recall'))} "
                 f"and non-TC accuracy {_signed_pts(acc.get('delta_non_tc_accuracy'))} points. "
                 + _both_sentence(len(both), len(per_tc)))
+    gated = patch.get("summary") if isinstance(patch.get("summary"), Mapping) else {}
+    gated_rows: list[tuple[str, ...]] = []
+    if gated.get("per_tc"):
+        method = gated.get("method", "?")
+        avg = ((gated.get("average") or {}).get("test") or {})
+        before, final = avg.get("before") or {}, avg.get("final") or {}
+        for key, label in (("tc_f1", "TC F1"), ("non_tc_accuracy", "non-TC accuracy")):
+            rows.append((f"{label} with the validation gate (`{method}`), mean", _arrow(before.get(key), final.get(key))))
+        rows.append(("patches kept by the validation gate",
+                     f"{gated.get('num_accepted', '?')} of {gated.get('num_tcs', '?')}"))
+        verdict.append(
+            f"Behind the validation gate (decided on the weak task's valid split only), "
+            f"{gated.get('num_accepted', '?')} of {gated.get('num_tcs', '?')} patches were kept; "
+            f"{gated.get('num_improved_both', '?')} target classes improved on both precision and recall "
+            f"and {gated.get('num_worse', '?')} got worse on TC F1 (test split).")
+        for r in gated["per_tc"]:
+            t = r.get("test") or {}
+            b, f = t.get("before") or {}, t.get("final") or {}
+            gated_rows.append((
+                str(r.get("class_name", r.get("target_class"))),
+                "kept" if r.get("accepted") else "rejected",
+                _arrow(b.get("tc_precision"), f.get("tc_precision")),
+                _arrow(b.get("tc_recall"), f.get("tc_recall")),
+                _arrow(b.get("tc_f1"), f.get("tc_f1")),
+                _arrow(b.get("non_tc_accuracy"), f.get("non_tc_accuracy")),
+                str(r.get("reason", "")).replace("|", "/")))
     if rows:
         lines += _table(["headline", "value"], rows)
     if verdict:
         lines += ["**Verdict.** " + " ".join(verdict), ""]
+    if gated_rows:
+        lines += ["Per target class, behind the validation gate (test split, weak → final model):", ""]
+        lines += _table(["target class", "patch", "TC precision", "TC recall", "TC F1",
+                         "non-TC accuracy", "decided on valid"], gated_rows)
     return lines
 
 

@@ -44,7 +44,7 @@ def problem():
     masks = {k: np.asarray(v) for k, v in M.tie(masks, spec).items()}
     images = rng.normal(size=(N, 8, 8, 3)).astype(np.float32)
     classes = np.arange(C, dtype=np.int32)
-    params = jax.device_get(random_params(MODEL, 0))
+    params = {"params": jax.device_get(random_params(MODEL, 0))}
     cpu = jax.devices("cpu")[0]
     with jax.default_device(cpu):
         ref = E.make_evaluator(MODEL, "reference", chunk_individuals=4, chunk_images=8)

@@ -32,7 +32,8 @@ def _problem(model, seed, C, P, N):
     h, w, cin = spec.image_shape
     images = jnp.asarray(rng.normal(size=(N, h, w, cin)), jnp.float32)
     classes = jnp.asarray(rng.permutation(model.num_classes)[:C], jnp.int32)
-    return random_params(model, seed), {k: jnp.asarray(v) for k, v in masks.items()}, images, classes
+    return ({"params": random_params(model, seed)}, {k: jnp.asarray(v) for k, v in masks.items()},
+            images, classes)
 
 
 @pytest.mark.parametrize("extractor,member_loop",

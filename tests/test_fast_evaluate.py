@@ -323,7 +323,7 @@ def test_backend_selection_and_config(cases):
     assert isinstance(fast, FE.FastEvaluator) and fast.host_side
     assert (fast.chunk_individuals, fast.chunk_images) == (3, 7)
     assert 1 <= fast.num_workers == FE.default_num_workers() <= FE.MAX_WORKERS
-    assert E.default_backend("cpu") == "fast" and E.default_backend("gpu") == "reference"
+    assert E.default_backend("cpu") == "fast" and E.default_backend("gpu") == "device"
     if jax.default_backend() == "cpu":
         assert isinstance(E.make_evaluator(model, "auto"), FE.FastEvaluator)
     cfg = SearchConfig(backend="fast", chunk_individuals=2, chunk_images=9, shard=False)

@@ -37,7 +37,7 @@ CHILD = textwrap.dedent(r"""
                     hidden=(8,), head_dropout=(0.0, 0.0), num_classes=3, in_channels=1,
                     image_size=8)
     spec = model.conv_spec()
-    params = jax.device_get(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))
+    params = {"params": jax.device_get(jax.jit(lambda k: init_params(model, k))(jax.random.key(0)))}
     rng = np.random.default_rng(0)
     N, C = 24, 3
     images = rng.normal(size=(N, 8, 8, 1)).astype(np.float32)

@@ -453,6 +453,7 @@ def test_decision_summary_counts_and_averages():
 
 
 def test_run_patch_choices_ignore_poisoned_test_labels(tmp_path, monkeypatch):
+    from jaxsplit import checkpoint
     from jaxsplit import masks as masks_lib
     from jaxsplit import train as jtrain
 
@@ -463,6 +464,8 @@ def test_run_patch_choices_ignore_poisoned_test_labels(tmp_path, monkeypatch):
     full = masks_lib.full(spec, (strong.model.num_classes,))
     (run / "modularize").mkdir()
     np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
+    (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
+        "params_sha256": checkpoint.params_digest(strong.params), "class_ids": list(range(5))}}))
     ref = patch.run_patch(run, cfg, progress=False, verbose=False, plots=False)
     assert set(ref["summary"]) >= {"method", "per_tc", "average", "num_improved_both", "num_worse"}
     assert ref["summary"]["method"] == cfg.patch.method

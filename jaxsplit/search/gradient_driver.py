@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import checkpoint as ckpt
+from jaxsplit import extract
 from jaxsplit.search import driver as D
 from jaxsplit.search import gradient as G
 
@@ -106,9 +107,9 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
         preds = np.concatenate([np.asarray(apply(jnp.asarray(x[s:s + 1000], jnp.float32)))
                                 for s in range(0, len(y), 1000)])
         model_acc[split] = float(np.mean(preds == np.asarray(y)))
-    per_class, stats_source = [], None
+    per_class = []
     for c in range(model.num_classes):
-        stats, stats_source = D._module_stats(model, params, result.mask_of(c))
+        stats = extract.stats_from_mask(model, result.mask_of(c))
         per_class.append({"class": c, "name": class_names[c], **{k: D._py(v) for k, v in stats.items()}})
 
     def mean_of(key: str) -> float | None:
@@ -127,7 +128,7 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
         "model_valid_accuracy": model_acc["valid"], "model_test_accuracy": model_acc["test"],
         "test_accuracy_loss": model_acc["test"] - ens_test,
         "mean_kept_fraction": mean_of("kept_fraction"), "mean_params_fraction": mean_of("params_fraction"),
-        "mean_macs_fraction": mean_of("macs_fraction"), "stats_source": stats_source,
+        "mean_macs_fraction": mean_of("macs_fraction"),
         "per_class": per_class, "train_time_s": train_time,
         "mean_epoch_time_s": float(np.mean(times[1:] if len(times) > 1 else times)) if times else None,
     }
