@@ -581,5 +581,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     text = render_report(run_dir)
     out = run_dir / "report.md"
-    out.write_text(text)
+    from jaxsplit.io import atomic_write_text
+
+    atomic_write_text(out, text)  # a full disk never leaves a truncated report
     return out
