@@ -245,21 +245,36 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
             f"epochs at a conservative {rate:.1e} MACs/s); Ctrl-C stops it")
 
 
-def search_estimate(model: ConvNet, num_classes: int, population_size: int, num_images: int,
+def model_macs(model: Any) -> int:
+    """Full-model multiply-accumulates per image of a `ConvNet` (convs + head) or a traced
+    `jaxsplit.Graph` (its convs and Dense layers, as `jaxsplit.module_stats` counts them)."""
+    from jaxsplit.models.convnet import ConvNet, conv_macs, head_macs
+
+    if isinstance(model, ConvNet):
+        return int(conv_macs(model) + head_macs(model))
+    if hasattr(model, "sites") and hasattr(model, "free_layers"):
+        from jaxsplit import extract
+
+        full = {s.name: np.ones(s.num_kernels, bool) for s in model.sites}
+        return int(extract.module_stats(model, full)["model_macs"])
+    raise TypeError(f"model_macs takes a jaxsplit ConvNet or a traced Graph, got "
+                    f"{type(model).__name__}")
+
+
+def search_estimate(model: Any, num_classes: int, population_size: int, num_images: int,
                     num_populations: int, backend: str = "fast",
                     threshold_s: float = ESTIMATE_THRESHOLD_S, cores: int | None = None) -> str | None:
     """A one-line time estimate of a modularization search, or None (below `threshold_s`, or JAX
     not on the CPU).
 
-    Classes x (population + 1) x images x populations x full-model MACs/image, at
+    Classes x (population + 1) x images x populations x full-model MACs/image (`model_macs` of
+    `model`: a `ConvNet` or the traced `jaxsplit.Graph` of any model), at
     `SEARCH_MACS_PER_S_PER_CORE[backend]` per core.
     """
-    from jaxsplit.models.convnet import conv_macs, head_macs
-
     cores = cores if cores is not None else _cpu_cores()
     if cores is None or num_populations <= 0:
         return None
-    macs = conv_macs(model) + head_macs(model)
+    macs = model_macs(model)
     rate = SEARCH_MACS_PER_S_PER_CORE.get(backend, SEARCH_MACS_PER_S_PER_CORE["reference"]) * cores
     seconds = num_classes * (population_size + 1) * num_images * num_populations * macs / rate
     if seconds < threshold_s:
