@@ -220,8 +220,6 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
     MACs/image (forward) x 3 (forward + backward) x train images x epochs, at
     `TRAIN_MACS_PER_S_PER_CORE` per core.
     """
-    from jaxsplit.models.convnet import conv_macs, head_macs
-
     known = KNOWN_DATASETS.get(cfg.data.name)
     cores = cores if cores is not None else _cpu_cores()
     if known is None or cores is None:
@@ -234,7 +232,7 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
         num_train = min(num_train, cfg.data.train_limit)
     num_train = int(num_train * (1 - cfg.data.valid_fraction))
     model = build_model(cfg.model, num_classes, channels, cfg.data.image_size)
-    macs = conv_macs(model) + head_macs(model)
+    macs = model_macs(model)
     rate = TRAIN_MACS_PER_S_PER_CORE * cores
     seconds = 3 * macs * num_train * cfg.train.epochs / rate
     if seconds < threshold_s:
@@ -246,19 +244,29 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
 
 
 def model_macs(model: Any) -> int:
-    """Full-model multiply-accumulates per image of a `ConvNet` (convs + head) or a traced
-    `jaxsplit.Graph` (its convs and Dense layers, as `jaxsplit.module_stats` counts them)."""
+    """Full-model multiply-accumulates per image of a `ConvNet` (convs + head), a traced
+    `jaxsplit.Graph` (its convs and Dense layers, as `jaxsplit.module_stats` counts them), or
+    another jaxsplit flax model (the BatchNorm zoo: traced from its variable shapes, no weights)."""
+    import jax
+
+    from jaxsplit import extract
     from jaxsplit.models.convnet import ConvNet, conv_macs, head_macs
 
     if isinstance(model, ConvNet):
         return int(conv_macs(model) + head_macs(model))
-    if hasattr(model, "sites") and hasattr(model, "free_layers"):
-        from jaxsplit import extract
+    graph = model
+    if not (hasattr(graph, "sites") and hasattr(graph, "free_layers")):
+        if not hasattr(model, "dummy_input"):
+            raise TypeError(f"model_macs takes a jaxsplit model or a traced Graph, got "
+                            f"{type(model).__name__}")
+        from jaxsplit.graph import trace
+        from jaxsplit.models import inference_apply, init_variables
 
-        full = {s.name: np.ones(s.num_kernels, bool) for s in model.sites}
-        return int(extract.module_stats(model, full)["model_macs"])
-    raise TypeError(f"model_macs takes a jaxsplit ConvNet or a traced Graph, got "
-                    f"{type(model).__name__}")
+        shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+        example = jax.eval_shape(lambda: model.dummy_input(1))
+        graph = trace(inference_apply(model), shapes, example)
+    full = {s.name: np.ones(s.num_kernels, bool) for s in graph.sites}
+    return int(extract.module_stats(graph, full)["model_macs"])
 
 
 def search_estimate(model: Any, num_classes: int, population_size: int, num_images: int,

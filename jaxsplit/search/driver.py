@@ -61,7 +61,12 @@ from jaxsplit import io as jio
 from jaxsplit import modularize as modz
 from jaxsplit import plots
 from jaxsplit.models.convnet import convnet_of
-from jaxsplit.modularize import compile_state, modularize_init, modularize_step, trace_graph
+from jaxsplit.modularize import (
+    compile_state,
+    modularize_init,
+    modularize_step,
+    trace_graph,
+)
 from jaxsplit.search.core import (  # noqa: F401  (the pure core; re-exported for callers)
     INIT_STREAM,
     HostEvaluatedStep,
