@@ -179,8 +179,10 @@ def _config_section(run_dir: Path) -> list[str]:
     except (OSError, yaml.YAMLError) as e:
         return lines + [f"_Could not read `config.yaml`: {e}_", ""]
     rows = []
+    searched = _search_config(run_dir)  # what the search ran with (its --config / --set values)
     for section in ("data", "model", "train", "search", "patch"):
-        sec = cfg.get(section)
+        sec = searched if section == "search" and searched is not None else cfg.get(section)
+        label = "search (modularize/config.yaml)" if sec is searched else section
         if isinstance(sec, Mapping):
             keys = {"data": ("name", "source", "classes", "train_limit", "image_size"),
                     "model": ("name", "width"),
@@ -189,10 +191,21 @@ def _config_section(run_dir: Path) -> list[str]:
                     "patch": ("task", "strong_classes", "weak_classes", "tc_train_images",
                               "weak_model", "weak_epochs", "calibrations")}[section]
             val = ", ".join(f"{k}={_fmt(sec[k]) if _is_scalar(sec[k]) else sec[k]}" for k in keys if k in sec)
-            rows.append((section, val))
+            rows.append((label, val))
     lines += _table(["section", "settings"], rows) if rows else []
     lines += [f"Full resolved config: [`config.yaml`](config.yaml).", ""]
     return lines
+
+
+def _search_config(run_dir: Path) -> Mapping | None:
+    """The search section of ``modularize/config.yaml`` (the resolved config a search started
+    with), or None when there is none or it is unreadable."""
+    path = run_dir / "modularize" / "config.yaml"
+    try:
+        sec = (yaml.safe_load(path.read_text()) or {}).get("search") if path.is_file() else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return sec if isinstance(sec, Mapping) else None
 
 
 def _training_section(run_dir: Path) -> list[str]:

@@ -97,6 +97,7 @@ def test_resnet_report_and_evaluate(searched, capsys):
     assert "modularize/curves.png" in text
     # the per-site table names the ResNet's sites by their parameter paths
     assert "#### Kernels kept per site" in text
+    assert "| search (modularize/config.yaml) | strategy=kernel_ga, population_size=4," in text
     assert "| stage1/block0/conv1 | 4 |" in text and "| stage3/block0/shortcut_conv | 16 |" in text
     for ref in [line.split("(", 1)[1].rstrip(")\n") for line in text.splitlines()
                 if line.startswith("![")]:
