@@ -105,3 +105,27 @@ def test_resnet_report_and_evaluate(searched, capsys):
     capsys.readouterr()
     assert cli.main(["evaluate", "--run", str(searched), "--split", "valid"]) == 0
     assert "valid accuracy:" in capsys.readouterr().out
+
+
+def test_estimates_count_the_macs_of_any_model():
+    import jax
+
+    from jaxsplit import config as jconfig
+    from jaxsplit import pipeline
+    from jaxsplit.models import inference_apply, init_variables, resnet20, weak_cnn
+
+    net = resnet20(num_classes=10, in_channels=1, width=0.5, image_size=32)
+    variables = init_variables(net, jax.random.key(0))
+    graph = trace(inference_apply(net), variables, np.zeros((1, 32, 32, 1), np.float32))
+    # ResNet-20 at width 0.5 on 32x32: 10.17 M MACs (convs + head), from weights or shapes alike
+    assert pipeline.model_macs(graph) == pipeline.model_macs(net) == 10_166_592
+    cnn = weak_cnn(num_classes=4, in_channels=1, width=0.25, image_size=32)
+    cnn_vars = init_variables(cnn, jax.random.key(0))
+    cnn_graph = trace(inference_apply(cnn), cnn_vars, np.zeros((1, 32, 32, 1), np.float32))
+    assert pipeline.model_macs(cnn_graph) == pipeline.model_macs(cnn)  # the ConvNet count
+    line = pipeline.search_estimate(graph, 10, 100, 10_000, 201, backend="reference", cores=2)
+    assert "10.2 M MACs/image" in line and "'reference'" in line
+    cfg = jconfig.load(REPO / "configs" / "fashion_mnist_resnet20_cpu.yaml")
+    assert "10.2 M MACs/image" in pipeline.train_estimate(cfg, cores=2, threshold_s=0)
+    with pytest.raises(TypeError, match="got int"):
+        pipeline.model_macs(3)
