@@ -3,6 +3,20 @@
     python benchmarks/modularize_fashion_mnist.py [--run runs/fm_cpu]
         [--config configs/fashion_mnist_cpu_modularize.yaml] [--set search.key=value ...]
         [--fresh] [--compare-backends] [--results benchmarks/results/modularize.json]
+        [--existing [--load-before 1.0,1.2,1.5]]
+
+Any trained preset works, the BatchNorm zoo too (a ResNet searches with the "reference"
+evaluator; `--compare-backends` is for ConvNets, which have a "fast" one):
+
+    python benchmarks/modularize_fashion_mnist.py --run runs/fm_resnet20 \
+        --config configs/fashion_mnist_resnet20_cpu_modularize.yaml \
+        --results benchmarks/results/modularize_resnet20.json
+
+`--existing` records a search that already finished in RUN/modularize/ (e.g. one run with
+`jaxsplit modularize ... --no-progress` in the background) instead of searching: the settings
+are the search's own `modularize/config.yaml`, the wall time is from that file (written when the
+search started) to `summary.json` (written when it ended), and `--load-before` gives the load
+averages read before it started (default: none recorded).
 
 RUN must hold the trained CPU preset (`jaxsplit train --config configs/fashion_mnist_cpu.yaml
 --out runs/fm_cpu`). The search settings are the run's `config.yaml` < `--config` < `--set`
@@ -99,28 +113,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-backends", action="store_true")
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "modularize.json"))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--existing", action="store_true",
+                        help="record the finished search in RUN/modularize/ instead of searching")
+    parser.add_argument("--load-before", default=None, metavar="L1,L5,L15",
+                        help="with --existing: the load averages before that search started")
     args = parser.parse_args(argv)
 
     run_dir = args.run
     if not (run_dir / "checkpoint").exists():
         parser.error(f"{run_dir} has no checkpoint/; train it first: jaxsplit train --config "
                      f"configs/fashion_mnist_cpu.yaml --out {run_dir}")
-    cfg = cli.resolve_config(run_dir=run_dir, config_path=args.config or None, sets=args.set,
-                             data_dir=args.data_dir)
-    cli._check_matches_run(cfg, run_dir)
     out_dir = run_dir / "modularize"
+    if args.existing:
+        if args.fresh:
+            parser.error("--existing records the search in RUN/modularize/; --fresh would delete it")
+        if not (out_dir / "summary.json").is_file():
+            parser.error(f"{out_dir} holds no finished search (no summary.json); run it first: "
+                         f"jaxsplit modularize --run {run_dir} --config {args.config}")
+        cfg = jconfig.load(out_dir / "config.yaml")
+    else:
+        cfg = cli.resolve_config(run_dir=run_dir, config_path=args.config or None, sets=args.set,
+                                 data_dir=args.data_dir)
+        cli._check_matches_run(cfg, run_dir)
     if args.fresh and out_dir.exists():
         shutil.rmtree(out_dir)
 
     from jaxsplit.search.driver import run_modularize
 
+    convnet = cfg.model.name in ("simcnn", "rescnn", "weak_cnn")
+    if args.compare_backends and not convnet:
+        parser.error(f"--compare-backends times the ConvNet 'fast' evaluator; {cfg.model.name} "
+                     f"has only the 'reference' one")
     backend = cfg.search.backend
-    resolved = jevaluate.default_backend(jax.default_backend()) if backend == "auto" else backend
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    summary = run_modularize(run_dir, cfg, resume=False, progress=not args.no_progress)
-    wall = time.perf_counter() - t0
-    load_after = os.getloadavg()
+    if backend == "auto":  # as search.evaluate.make_evaluator resolves it
+        resolved = jevaluate.default_backend(jax.default_backend()) if convnet else "reference"
+    else:
+        resolved = backend
+    if args.existing:
+        load_before = ([float(x) for x in args.load_before.split(",")] if args.load_before
+                       else [float("nan")] * 3)
+        summary = json.loads((out_dir / "summary.json").read_text())
+        wall = (out_dir / "summary.json").stat().st_mtime - (out_dir / "config.yaml").stat().st_mtime
+        load_after = os.getloadavg()
+    else:
+        load_before = os.getloadavg()
+        t0 = time.perf_counter()
+        summary = run_modularize(run_dir, cfg, resume=False, progress=not args.no_progress)
+        wall = time.perf_counter() - t0
+        load_after = os.getloadavg()
     history = json.loads((out_dir / "history.json").read_text())["generations"]
     gen_times = [h["time_s"] for h in history]
 
@@ -135,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "modularize_fashion_mnist",
         "run_dir": str(run_dir),
         "config_file": _rel(args.config) if args.config else None,
+        "recorded_from_existing_search": bool(args.existing),
         "overrides": args.set,
         "search": jconfig.to_dict(cfg.search),
         "evaluator_backend": resolved,

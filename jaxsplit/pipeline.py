@@ -220,8 +220,6 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
     MACs/image (forward) x 3 (forward + backward) x train images x epochs, at
     `TRAIN_MACS_PER_S_PER_CORE` per core.
     """
-    from jaxsplit.models.convnet import conv_macs, head_macs
-
     known = KNOWN_DATASETS.get(cfg.data.name)
     cores = cores if cores is not None else _cpu_cores()
     if known is None or cores is None:
@@ -234,7 +232,7 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
         num_train = min(num_train, cfg.data.train_limit)
     num_train = int(num_train * (1 - cfg.data.valid_fraction))
     model = build_model(cfg.model, num_classes, channels, cfg.data.image_size)
-    macs = conv_macs(model) + head_macs(model)
+    macs = model_macs(model)
     rate = TRAIN_MACS_PER_S_PER_CORE * cores
     seconds = 3 * macs * num_train * cfg.train.epochs / rate
     if seconds < threshold_s:
@@ -245,21 +243,46 @@ def train_estimate(cfg: Any, threshold_s: float = ESTIMATE_THRESHOLD_S,
             f"epochs at a conservative {rate:.1e} MACs/s); Ctrl-C stops it")
 
 
-def search_estimate(model: ConvNet, num_classes: int, population_size: int, num_images: int,
+def model_macs(model: Any) -> int:
+    """Full-model multiply-accumulates per image of a `ConvNet` (convs + head), a traced
+    `jaxsplit.Graph` (its convs and Dense layers, as `jaxsplit.module_stats` counts them), or
+    another jaxsplit flax model (the BatchNorm zoo: traced from its variable shapes, no weights)."""
+    import jax
+
+    from jaxsplit import extract
+    from jaxsplit.models.convnet import ConvNet, conv_macs, head_macs
+
+    if isinstance(model, ConvNet):
+        return int(conv_macs(model) + head_macs(model))
+    graph = model
+    if not (hasattr(graph, "sites") and hasattr(graph, "free_layers")):
+        if not hasattr(model, "dummy_input"):
+            raise TypeError(f"model_macs takes a jaxsplit model or a traced Graph, got "
+                            f"{type(model).__name__}")
+        from jaxsplit.graph import trace
+        from jaxsplit.models import inference_apply, init_variables
+
+        shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+        example = jax.eval_shape(lambda: model.dummy_input(1))
+        graph = trace(inference_apply(model), shapes, example)
+    full = {s.name: np.ones(s.num_kernels, bool) for s in graph.sites}
+    return int(extract.module_stats(graph, full)["model_macs"])
+
+
+def search_estimate(model: Any, num_classes: int, population_size: int, num_images: int,
                     num_populations: int, backend: str = "fast",
                     threshold_s: float = ESTIMATE_THRESHOLD_S, cores: int | None = None) -> str | None:
     """A one-line time estimate of a modularization search, or None (below `threshold_s`, or JAX
     not on the CPU).
 
-    Classes x (population + 1) x images x populations x full-model MACs/image, at
+    Classes x (population + 1) x images x populations x full-model MACs/image (`model_macs` of
+    `model`: a `ConvNet` or the traced `jaxsplit.Graph` of any model), at
     `SEARCH_MACS_PER_S_PER_CORE[backend]` per core.
     """
-    from jaxsplit.models.convnet import conv_macs, head_macs
-
     cores = cores if cores is not None else _cpu_cores()
     if cores is None or num_populations <= 0:
         return None
-    macs = conv_macs(model) + head_macs(model)
+    macs = model_macs(model)
     rate = SEARCH_MACS_PER_S_PER_CORE.get(backend, SEARCH_MACS_PER_S_PER_CORE["reference"]) * cores
     seconds = num_classes * (population_size + 1) * num_images * num_populations * macs / rate
     if seconds < threshold_s:

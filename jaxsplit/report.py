@@ -181,8 +181,10 @@ def _config_section(run_dir: Path) -> list[str]:
     except (OSError, yaml.YAMLError) as e:
         return lines + [f"_Could not read `config.yaml`: {e}_", ""]
     rows = []
+    searched = _search_config(run_dir)  # what the search ran with (its --config / --set values)
     for section in ("data", "model", "train", "search", "patch"):
-        sec = cfg.get(section)
+        sec = searched if section == "search" and searched is not None else cfg.get(section)
+        label = "search (modularize/config.yaml)" if sec is searched else section
         if isinstance(sec, Mapping):
             keys = {"data": ("name", "source", "classes", "train_limit", "image_size"),
                     "model": ("name", "width"),
@@ -191,10 +193,21 @@ def _config_section(run_dir: Path) -> list[str]:
                     "patch": ("task", "strong_classes", "weak_classes", "tc_train_images",
                               "weak_model", "weak_epochs", "calibrations")}[section]
             val = ", ".join(f"{k}={_fmt(sec[k]) if _is_scalar(sec[k]) else sec[k]}" for k in keys if k in sec)
-            rows.append((section, val))
+            rows.append((label, val))
     lines += _table(["section", "settings"], rows) if rows else []
     lines += ["Full resolved config: [`config.yaml`](config.yaml).", ""]
     return lines
+
+
+def _search_config(run_dir: Path) -> Mapping | None:
+    """The search section of ``modularize/config.yaml`` (the resolved config a search started
+    with), or None when there is none or it is unreadable."""
+    path = run_dir / "modularize" / "config.yaml"
+    try:
+        sec = (yaml.safe_load(path.read_text()) or {}).get("search") if path.is_file() else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return sec if isinstance(sec, Mapping) else None
 
 
 def _training_section(run_dir: Path) -> list[str]:
@@ -221,6 +234,7 @@ def _modularize_section(run_dir: Path) -> list[str]:
         per_class = data.get("per_class") if isinstance(data, Mapping) else None
         if _is_records(per_class):
             lines += ["### Modules", ""] + _modules_table(per_class)
+            lines += _sites_table(per_class, folder / "masks.npz")
             data = {k: v for k, v in data.items() if k != "per_class"}
         lines += ["### Summary", ""] + ([f"_{err}_", ""] if err else _render_json(data, "summary", 4))
     else:
@@ -244,6 +258,42 @@ def _modules_table(per_class: list[Mapping]) -> list[str]:
     header = ["class", "kernels kept", "kernels %", "parameters %", "MACs %"]
     keep = [i for i in range(len(header)) if i == 0 or any(row[i] not in ("", "None") for row in rows)]
     return _table([header[i] for i in keep], [[row[i] for i in keep] for row in rows])
+
+
+def _site_sizes(masks_path: Path) -> dict[str, int]:
+    """Kernels per site `{site: K}` from ``masks.npz`` (arrays `(C, K)`), or {} if unreadable."""
+    try:
+        import numpy as np
+
+        with np.load(masks_path, allow_pickle=False) as z:
+            return {k: int(z[k].shape[-1]) for k in z.files if z[k].ndim == 2}
+    except (OSError, ValueError, EOFError):
+        return {}
+
+
+def _sites_table(per_class: list[Mapping], masks_path: Path) -> list[str]:
+    """Kernels each class module keeps per site (conv layer), in forward order: the sites are
+    named by their parameter path (`conv_0` for a ConvNet, `stage1/block0/conv1` for a ResNet);
+    sites tied by residual adds keep the same kernels."""
+    layers = [r.get("kept_per_layer") for r in per_class]
+    if not all(isinstance(d, Mapping) and d for d in layers):
+        return []
+    sites = list(layers[0])
+    sizes = _site_sizes(masks_path)
+    names = [str(r.get("name", r.get("class", "?"))) for r in per_class]
+    header = ["site"] + (["kernels"] if sizes else []) + names + (["mean %"] if sizes else [])
+    rows = []
+    for site in sites:
+        kept = [d.get(site) for d in layers]
+        row = [_fmt(site)] + ([_fmt(sizes.get(site, ""))] if sizes else []) + [_fmt(k) for k in kept]
+        if sizes:
+            nums = [k for k in kept if isinstance(k, int)]
+            k_total = sizes.get(site)
+            row.append(_pct(sum(nums) / len(nums) / k_total) if nums and k_total else "")
+        rows.append(row)
+    note = ("Kernels each module keeps in each conv site (forward order; sites tied by a "
+            "residual add keep the same kernels).")
+    return ["#### Kernels kept per site", "", note, ""] + _table(header, rows)
 
 
 def _metric_row(label: str, m: Mapping) -> list[str]:

@@ -57,11 +57,16 @@ import jax
 import numpy as np
 
 from jaxsplit import checkpoint as ckpt
-from jaxsplit import importance as imp_lib
 from jaxsplit import io as jio
 from jaxsplit import modularize as modz
 from jaxsplit import plots
-from jaxsplit.modularize import compile_state, modularize_init, modularize_step
+from jaxsplit.models.convnet import convnet_of
+from jaxsplit.modularize import (
+    compile_state,
+    modularize_init,
+    modularize_step,
+    trace_graph,
+)
 from jaxsplit.search.core import (  # noqa: F401  (the pure core; re-exported for callers)
     INIT_STREAM,
     HostEvaluatedStep,
@@ -94,6 +99,9 @@ OUTPUT_FILES = ("masks.npz", "history.json", "summary.json")  # the results of a
 CONFIG_FILE = "config.yaml"  # the resolved config a search started with (`--resume` reads it)
 TIME_KEYS = ("time_s",)  # history fields that differ between identical runs
 MODULES_FILE = "modules.npz"  # the `jaxsplit.Modules` file of the best ensemble
+# model families with reference initial-population settings (docs/method.md §5); the search of
+# any other model (the BatchNorm zoo) starts from the generic settings (family None)
+REFERENCE_FAMILIES = ("simcnn", "rescnn", "weak_cnn")
 
 log = logging.getLogger(__name__)
 
@@ -385,26 +393,30 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
             f"resume from, so --resume would mix a new search with these files; start over with "
             f"`{cmd} --restart` (moves them to {MODULARIZE_DIRNAME}.old-<time>/)")
 
-    model, params, train_cfg, _ = ckpt.load_model(run_dir)
+    loaded = ckpt.load_model(run_dir)
+    model, params, train_cfg = loaded.model, loaded.params, loaded.cfg
+    apply_fn, variables = loaded.apply_fn, loaded.variables
     model_desc = pipeline.model_description(train_cfg.model, model)
     model_name = train_cfg.model.name
+    family = model_name if model_name in REFERENCE_FAMILIES else None
     if data is None:
         _, valid, test = pipeline.prepare_data(cfg.data)
     else:
         _, valid, test = data
-    if valid.num_classes != model.num_classes:
-        raise SearchError(f"the data has {valid.num_classes} classes but the model "
-                          f"{model.num_classes}; use the run's data config")
     if scfg.num_valid is not None and scfg.num_valid > len(valid):
         raise SearchError(
             f"search.num_valid={scfg.num_valid:,} but the valid split has only {len(valid):,} "
             f"images; lower it, or leave it unset to use all of them")
     num_valid = len(valid) if scfg.num_valid is None else scfg.num_valid
-    check_search_memory(model.num_classes, scfg.population_size, num_valid,
-                        model.conv_spec().total_kernels)
+    graph = trace_graph(apply_fn, variables, np.asarray(valid.images[:1], np.float32))
+    num_classes = int(graph.num_outputs)
+    if valid.num_classes != num_classes:
+        raise SearchError(f"the data has {valid.num_classes} classes but the model "
+                          f"{num_classes}; use the run's data config")
+    check_search_memory(num_classes, scfg.population_size, num_valid, graph.total_kernels)
     images = np.asarray(valid.images[:num_valid], np.float32)
     labels = np.asarray(valid.labels[:num_valid], np.int32)
-    classes = np.arange(model.num_classes, dtype=np.int32)
+    classes = np.arange(num_classes, dtype=np.int32)
     class_names = list(valid.class_names) if valid.class_names else [str(c) for c in classes]
     if restart and out_dir.exists():  # only now: a refused restart keeps the old search in place
         log.info("moved the previous search to %s", move_aside(out_dir))
@@ -417,17 +429,18 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     if resume:
         remove_stale_temporaries(ckpt_root)
     done_before = existing[-1][0] if (resume and existing) else 0
-    estimate = pipeline.search_estimate(model, model.num_classes, scfg.population_size, num_valid,
+    estimate = pipeline.search_estimate(graph, num_classes, scfg.population_size, num_valid,
                                         scfg.num_generations + 1 - done_before,
-                                        backend=scfg.backend)
+                                        backend=scfg.backend if convnet_of(apply_fn) is not None
+                                        else "reference")  # "auto": reference unless a ConvNet
     if estimate is not None:
         log.info("%s", estimate)
 
     # importance, sensitivity, encoding, evaluator, initial population: the library's init
     # (deterministic, so a resumed run recomputes the same values)
     base_key = jax.random.key(scfg.seed)
-    state = modularize_init(base_key, imp_lib.inference_apply(model), {"params": params},
-                            (images, labels), search=scfg, family=model_name,
+    state = modularize_init(base_key, apply_fn, variables, (images, labels), search=scfg,
+                            graph=graph, family=family,
                             evaluate_fn=evaluate_fn, class_names=class_names, compile=False)
     result, problem, settings = state.importance, state.problem, state.settings
     importance_time = state.timings.get("importance_s")
@@ -505,8 +518,8 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     from jaxsplit import extract
 
     per_class = []
-    for c in range(model.num_classes):
-        stats = extract.stats_from_mask(model, {k: v[c] for k, v in best_masks.items()})
+    for c in range(num_classes):
+        stats = extract.module_stats(graph, {k: v[c] for k, v in best_masks.items()})
         per_class.append({"class": c, "name": class_names[c], **{k: _py(v) for k, v in stats.items()}})
 
     def mean_of(key: str) -> float | None:
