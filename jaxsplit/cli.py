@@ -510,6 +510,7 @@ def _show_library_logs() -> None:
         handler._jaxsplit_cli = True
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, here, even when a library configured the root logger
 
 
 def main(argv: Sequence[str] | None = None) -> int:
