@@ -27,8 +27,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import logging
 import json
+import logging
+import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -547,5 +548,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def console_main() -> None:
+    """The `jaxsplit` program: `main()`'s status as the exit status.
+
+    After Ctrl-C the process ends with `os._exit` once the message is out: a checkpoint save
+    that was in flight runs on orbax's background threads, which would otherwise print
+    tracebacks while the interpreter shuts down. Nothing saved is lost: finished checkpoints are
+    complete (written atomically), and the unfinished one is a temporary that the next run
+    removes.
+    """
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()
