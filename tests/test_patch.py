@@ -275,22 +275,28 @@ def _e2e_config(**patch_overrides):
     })
 
 
-def test_run_patch_end_to_end_on_synthetic(tmp_path):
+def _train_with_whole_modules(cfg, run):
+    """Trains `cfg` into `run` and writes all-ones modules with the summary that names the model."""
     from jaxsplit import checkpoint
     from jaxsplit import masks as masks_lib
-    from jaxsplit import report
     from jaxsplit import train as jtrain
 
-    cfg = _e2e_config()
-    run = tmp_path / "tiny"
     strong = jtrain.train_and_evaluate(cfg, run, progress=False)
-    # all-ones masks: each module is the whole model, so patching with it equals the baseline
-    spec = strong.model.conv_spec()
-    full = masks_lib.full(spec, (strong.model.num_classes,))
+    full = masks_lib.full(strong.model.conv_spec(), (strong.model.num_classes,))
     (run / "modularize").mkdir()
     np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
     (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
         "params_sha256": checkpoint.params_digest(strong.params), "class_ids": list(range(5))}}))
+    return strong
+
+
+def test_run_patch_end_to_end_on_synthetic(tmp_path):
+    from jaxsplit import report
+
+    cfg = _e2e_config()
+    run = tmp_path / "tiny"
+    # all-ones masks: each module is the whole model, so patching with it equals the baseline
+    _train_with_whole_modules(cfg, run)
 
     res = patch.run_patch(run, cfg, progress=False, verbose=False)
     assert res["target_classes"] == [1, 3] and res["primary_calibration"] == "min_max"
@@ -453,19 +459,10 @@ def test_decision_summary_counts_and_averages():
 
 
 def test_run_patch_choices_ignore_poisoned_test_labels(tmp_path, monkeypatch):
-    from jaxsplit import checkpoint
-    from jaxsplit import masks as masks_lib
-    from jaxsplit import train as jtrain
 
     cfg = _e2e_config(poor_fit=False, calibrations=["min_max"])
     run = tmp_path / "tiny"
-    strong = jtrain.train_and_evaluate(cfg, run, progress=False)
-    spec = strong.model.conv_spec()
-    full = masks_lib.full(spec, (strong.model.num_classes,))
-    (run / "modularize").mkdir()
-    np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
-    (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
-        "params_sha256": checkpoint.params_digest(strong.params), "class_ids": list(range(5))}}))
+    _train_with_whole_modules(cfg, run)
     ref = patch.run_patch(run, cfg, progress=False, verbose=False, plots=False)
     assert set(ref["summary"]) >= {"method", "per_tc", "average", "num_improved_both", "num_worse"}
     assert ref["summary"]["method"] == cfg.patch.method
