@@ -25,13 +25,23 @@ of generation g, so a loop without explicit keys equals `modularize()` bit
 for bit, and so does the CLI (`search.driver.run_modularize`, which adds run
 folders, checkpoints and plots on top of these two functions).
 
+Modules found by the gradient searcher (docs/method.md §10, `search.method=gradient`) carry
+per-module MLP heads: `Modules.from_gradient(splitter, result, ...)`; their score for class c
+is the head's pre-sigmoid logit on the masked model's logits (see `Modules.apply`).
+
 Everything here is in memory; only `Modules.save` / `Modules.load` touch
 disk. The file is one `.npz` of named arrays (`mask/<site>` bool `(C, K)`,
-`classes`) plus a JSON header (`__header__`): format version, graph
-fingerprint, class ids and names, the source variables' SHA-256, the search
-settings, per-module stats and the history. It is written atomically
-(temporary file + rename); `load` refuses a file of another format version
-or made for another model (fingerprint mismatch), naming both values.
+`classes`, and for gradient modules `head/<layer>/<leaf>` float32 with a
+leading C axis) plus a JSON header (`__header__`): format version, graph
+fingerprint, class ids and names, the source variables' SHA-256, the
+searcher (`info["method"]`: "ga" or "gradient") and its settings,
+per-module stats and the history. Format version 1 has no heads; a file
+with heads is written as version 2, so a jaxsplit that reads only version 1
+refuses it rather than scoring its modules without their heads; files
+without heads are still written as version 1. It is written atomically
+(temporary file + rename); `load` reads versions 1 and 2 and refuses another
+format version or a file made for another model (fingerprint mismatch),
+naming both values.
 """
 
 from __future__ import annotations
@@ -61,9 +71,13 @@ from jaxsplit.search.evaluate import make_evaluator_from_config, masked_apply_of
 from jaxsplit.search.sharding import input_placement
 
 FORMAT = "jaxsplit.modules"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written: 2 when the modules have heads, else 1
+READABLE_VERSIONS = (1, 2)  # 1: masks only; 2: + per-module heads (`head/...` arrays)
 HEADER_KEY = "__header__"
 MASK_PREFIX = "mask/"
+HEAD_PREFIX = "head/"
+HEAD_KEY = "module_head"  # where `extract(c)` puts a head in `module_variables`
+METHODS = ("ga", "gradient")
 
 
 class ModularizeError(JaxsplitError, ValueError):
@@ -394,11 +408,17 @@ class Modules:
       stats: per-class dicts of kept kernels / params / MACs and fractions.
       history: per-generation metrics of the search (empty when loaded without it).
       graph: the kernel graph the masks are over.
-      info: the search's outcome and provenance (best valid fitness, accuracy,
-        diff, best generation, stopped early, importance measure, family,
-        `params_sha256`, search settings).
+      info: the search's outcome and provenance: `method` (the searcher: "ga"
+        or "gradient"), `params_sha256`, `search` (its settings), and for the GA
+        best valid fitness, accuracy, diff, best generation, stopped early,
+        importance measure, family; for the gradient searcher best epoch,
+        best valid accuracy, epochs run.
       apply_fn, variables: the model (None after `load` without them: then
         `apply` / `extract` are unavailable).
+      heads: None (GA modules: a module's score is its class logit), or the
+        gradient searcher's per-module MLP heads with a leading C axis
+        (`{"dense_0": {"kernel": (C, N, H), "bias": (C, H)}, "dense_1":
+        {"kernel": (C, H, 1), "bias": (C, 1)}}`, numpy float32).
     """
 
     masks: dict[str, np.ndarray]
@@ -410,10 +430,27 @@ class Modules:
     info: dict
     apply_fn: Callable | None = None
     variables: Any = None
+    heads: Any = None
+
+    def __post_init__(self):
+        if self.heads is not None:
+            _check_heads(self.heads, int(np.asarray(self.classes).shape[0]), ModularizeError)
 
     @property
     def num_classes(self) -> int:
         return int(self.classes.shape[0])
+
+    @property
+    def method(self) -> str:
+        """The searcher that found the modules: "ga" or "gradient" (files before the field: "ga")."""
+        return str(self.info.get("method", "ga"))
+
+    def head(self, c: int) -> dict | None:
+        """Class c's head params (no leading C axis), or None for modules without heads."""
+        if self.heads is None:
+            return None
+        r = self._row(c)
+        return jax.tree_util.tree_map(lambda a: np.asarray(a)[r], self.heads)
 
     def _row(self, c: int) -> int:
         hits = np.flatnonzero(self.classes == c)
@@ -432,9 +469,18 @@ class Modules:
                                   f"apply_fn=..., variables=...)")
 
     def apply(self, c: int, *, all_logits: bool = False) -> Callable:
-        """Class c's module as `fn(x) -> (N,)` (its class-c logit), masked with shared weights.
+        """Class c's module as `fn(x) -> (N,)`, masked with shared weights.
 
-        With `all_logits`, `fn(x) -> (N, C)` (every logit of the masked model).
+        `fn(x)` is the module's TC score: a logit; sigmoid gives the probability. For
+        GA modules (no heads) it is the masked model's class-c logit; for gradient
+        modules the pre-sigmoid output of module c's head on the masked model's C
+        logits (`gradient.head_logit`). The argmax over classes of the C modules'
+        scores is the ensemble's prediction (for gradient modules: the searcher's
+        argmax of the sigmoid scores, wherever float32 sigmoids do not round two
+        scores to the same value, e.g. both to 1.0 for logits above ~17).
+
+        With `all_logits`, `fn(x) -> (N, C)` (every logit of the masked model, before
+        any head).
         """
         self._need_model("apply")
         masked = masked_apply_of(self.graph, self.apply_fn)
@@ -442,6 +488,12 @@ class Modules:
         variables, cls = self.variables, int(c)
         if all_logits:
             return jax.jit(lambda x: masked(variables, mask, x))
+        head = self.head(c)
+        if head is not None:
+            from jaxsplit.search.gradient import head_logit
+
+            head = jax.tree_util.tree_map(jnp.asarray, head)
+            return jax.jit(lambda x: head_logit(head, masked(variables, mask, x)))
         return jax.jit(lambda x: masked(variables, mask, x)[:, cls])
 
     def apply_all(self, c: int) -> Callable:
@@ -451,17 +503,35 @@ class Modules:
     def extract(self, c: int) -> tuple[Callable, Any]:
         """Class c's module physically extracted: `(module_apply, module_variables)`.
 
-        `module_apply(module_variables, x) -> (N,)` class-c logit; only the kept
-        kernels' weights are in `module_variables`; equal to `apply(c)` within
+        `module_apply(module_variables, x) -> (N,)` is the module's TC score: a
+        logit; sigmoid gives the probability (as `apply(c)`: the class-c logit of
+        the extracted model for GA modules; for gradient modules the extracted
+        model keeps all C outputs and module c's head, stored in
+        `module_variables[HEAD_KEY]`, maps them to its pre-sigmoid logit). Only the
+        kept kernels' weights are in `module_variables`; equal to `apply(c)` within
         float32 rounding.
         """
         self._need_model("extract")
+        head = self.head(c)
+        if head is None:
+            return self._extract_model(c, int(c))
+        from jaxsplit.search.gradient import head_logit
+
+        inner_apply, inner_vars = self._extract_model(c, None)
+
+        def module_apply(v, x):
+            inner = {k: a for k, a in v.items() if k != HEAD_KEY}
+            return head_logit(v[HEAD_KEY], inner_apply(inner, x))
+        return module_apply, {**inner_vars, HEAD_KEY: jax.tree_util.tree_map(jnp.asarray, head)}
+
+    def _extract_model(self, c: int, target_class: int | None) -> tuple[Callable, Any]:
+        """Class c's masked model extracted: `(N,)` logit of `target_class`, or `(N, C)`."""
         from jaxsplit import extract as ext
 
         mask = self.mask(c)
         generic = _generic_extract()
         if generic is not None and not isinstance(self.graph, ConvSpec):
-            return generic.extract(self.graph, self.variables, mask, target_class=int(c))
+            return generic.extract(self.graph, self.variables, mask, target_class=target_class)
         convnet = convnet_of(self.apply_fn)
         if convnet is None:
             raise ModularizeError(
@@ -469,10 +539,11 @@ class Modules:
                 "extractor (jaxsplit.extract over a traced graph); apply(c) runs the module "
                 "masked meanwhile")
         convnet_extract = getattr(ext, "extract_convnet", ext.extract)
-        small, small_vars = convnet_extract(convnet, self.variables, mask, target_class=int(c))
+        small, small_vars = convnet_extract(convnet, self.variables, mask, target_class=target_class)
 
         def module_apply(v, x):
-            return small.apply(v, x)[:, 0]
+            out = small.apply(v, x)
+            return out if target_class is None else out[:, 0]
         return module_apply, small_vars
 
     # -- construction ---------------------------------------------------------------------
@@ -490,6 +561,7 @@ class Modules:
             for r, c in enumerate(classes))
         carry = state.carry
         info = {
+            "method": "ga",
             "best_valid_fitness": float(carry.best_valid_fitness),
             "best_acc": float(carry.best_acc), "best_diff": float(carry.best_diff),
             "best_generation": int(carry.best_generation), "stopped_early": bool(carry.stopped),
@@ -502,12 +574,69 @@ class Modules:
                    history=tuple(state.history), graph=state.graph, info=info,
                    apply_fn=state.apply_fn, variables=state.variables)
 
+    @classmethod
+    def from_gradient(cls, splitter: Any, result: Any, apply_fn: Callable, variables: Any, *,
+                      graph: Any = None, class_names: Sequence[str] | None = None,
+                      history: Sequence[Mapping] = (), search: SearchConfig | None = None,
+                      stats: bool = True, info: Mapping[str, Any] | None = None) -> Modules:
+        """The gradient searcher's modules (docs/method.md §10) as `Modules`.
+
+        Args:
+          splitter: the `search.gradient.GradSplitter` that trained them.
+          result: its `GradResult` (`splitter.result(state)`): masks `{site: bool (C, K)}`
+            and per-module heads.
+          apply_fn, variables: the model.
+          graph: the kernel graph the masks are over (default `splitter.sites`; pass the
+            traced graph for a ConvNet searched with `for_convnet`).
+          class_names: one name per class (default "0", "1", ...).
+          history: the per-epoch history of `gradient.train`.
+          search: the `SearchConfig` (recorded as `info["search"]`; default: one with
+            `method="gradient"` and the splitter's settings).
+          stats: compute per-module kept kernels / params / MACs.
+          info: more provenance to record (e.g. the training epochs run).
+
+        Returns:
+          `Modules` with `heads` (None for `head="none"`: then a module's score is its class
+          logit, as for GA modules) and `info["method"] == "gradient"`.
+        """
+        graph = splitter.sites if graph is None else graph
+        if set(graph.names) != set(result.masks):
+            raise ModularizeError(f"the result's masks are over sites {sorted(result.masks)}; "
+                                  f"the graph has {sorted(graph.names)}")
+        masks = {n: np.asarray(result.masks[n], bool) for n in graph.names}
+        num = int(splitter.num_classes)
+        classes = np.arange(num, dtype=np.int32)
+        names = tuple(str(n) for n in (class_names if class_names is not None else classes))
+        if len(names) != num:
+            raise ModularizeError(f"{len(names)} class names for {num} classes")
+        convnet = convnet_of(apply_fn)
+        per_class = tuple(
+            {"class": int(c), "name": names[c],
+             **(_py(_module_stats(graph, convnet, {k: v[c] for k, v in masks.items()}))
+                if stats else {})}
+            for c in classes)
+        heads = None
+        if splitter.cfg.head != "none":
+            heads = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), result.head_params)
+        if search is None:
+            search = SearchConfig(method="gradient", gradient=splitter.cfg)
+        record = {
+            "method": "gradient", "gradient": _py(dataclasses.asdict(splitter.cfg)),
+            "best_epoch": int(result.best_epoch),
+            "best_valid_accuracy": float(result.best_valid_accuracy),
+            "epochs_run": len(history), "params_sha256": variables_digest(variables),
+            "search": search_settings(search), **_py(dict(info or {})),
+        }
+        return cls(masks=masks, classes=classes, class_names=names, stats=per_class,
+                   history=tuple(_py(list(history))), graph=graph, info=record,
+                   apply_fn=apply_fn, variables=variables, heads=heads)
+
     # -- file -------------------------------------------------------------------------------
 
     def header(self) -> dict:
         """The JSON header `save` writes."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "graph_fingerprint": graph_fingerprint(self.graph),
+        return {"format": FORMAT, "format_version": 1 if self.heads is None else 2,
+                "graph_fingerprint": graph_fingerprint(self.graph), "method": self.method,
                 "sites": list(self.masks), "class_ids": self.classes.tolist(),
                 "class_names": list(self.class_names),
                 "params_sha256": self.info.get("params_sha256"),
@@ -519,6 +648,8 @@ class Modules:
         path = Path(path)
         arrays = {MASK_PREFIX + k: np.asarray(v, bool) for k, v in self.masks.items()}
         arrays["classes"] = np.asarray(self.classes, np.int32)
+        if self.heads is not None:
+            arrays.update({HEAD_PREFIX + k: v for k, v in _flat_heads(self.heads).items()})
         arrays[HEADER_KEY] = np.frombuffer(json.dumps(self.header()).encode(), np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -547,6 +678,9 @@ class Modules:
         Raises:
           ModulesFileError: unreadable, another format or format version, another
             model (graph fingerprint), or other weights; the message names both values.
+
+        Version-1 files (no heads, written before the searcher was recorded) load as
+        GA modules (`method == "ga"`, `heads is None`).
         """
         path = Path(path)
         try:
@@ -561,10 +695,10 @@ class Modules:
             raise ModulesFileError(f"{str(path)!r} has format {header.get('format')!r}; expected "
                                    f"{FORMAT!r}")
         version = header.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ModulesFileError(
-                f"{str(path)!r} has format version {version!r}; this jaxsplit reads version "
-                f"{FORMAT_VERSION}")
+                f"{str(path)!r} has format version {version!r}; this jaxsplit reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}")
         expected = graph_fingerprint(graph)
         if header.get("graph_fingerprint") != expected:
             raise ModulesFileError(
@@ -580,10 +714,55 @@ class Modules:
         masks = {k[len(MASK_PREFIX):]: arrays[k].astype(bool) for k in arrays
                  if k.startswith(MASK_PREFIX)}
         masks = {n: masks[n] for n in header["sites"]}
-        return cls(masks=masks, classes=arrays["classes"].astype(np.int32),
+        classes = arrays["classes"].astype(np.int32)
+        flat = {k[len(HEAD_PREFIX):]: arrays[k] for k in arrays if k.startswith(HEAD_PREFIX)}
+        if flat and version < 2:
+            raise ModulesFileError(f"{str(path)!r} has head arrays but format version {version}; "
+                                   f"heads need version 2")
+        heads = _nested_heads(flat) if flat else None
+        if heads is not None:
+            _check_heads(heads, int(classes.shape[0]), ModulesFileError, where=f"{str(path)!r}: ")
+        info = dict(header["info"])
+        info.setdefault("method", "ga")
+        return cls(masks=masks, classes=classes,
                    class_names=tuple(header["class_names"]), stats=tuple(header["stats"]),
-                   history=tuple(header["history"]), graph=graph, info=dict(header["info"]),
-                   apply_fn=apply_fn, variables=variables)
+                   history=tuple(header["history"]), graph=graph, info=info,
+                   apply_fn=apply_fn, variables=variables, heads=heads)
+
+
+def _flat_heads(heads: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """`{"dense_0": {"kernel": a}}` -> `{"dense_0/kernel": a}` (arrays as they are)."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in heads.items():
+        if "/" in str(k):
+            raise ModularizeError(f"head parameter names must not contain '/', got {k!r}")
+        if isinstance(v, Mapping):
+            out.update(_flat_heads(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+def _nested_heads(flat: Mapping[str, np.ndarray]) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        node = out
+        *parents, leaf = k.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _check_heads(heads: Any, num_classes: int, error: type, where: str = "") -> None:
+    """Heads must be a dict of arrays, each with a leading axis of one entry per class."""
+    if not isinstance(heads, Mapping) or not heads:
+        raise error(f"{where}heads must be a non-empty dict of arrays with a leading class axis, "
+                    f"got {type(heads).__name__}")
+    for k, v in _flat_heads(heads).items():
+        if v.ndim < 1 or v.shape[0] != num_classes:
+            raise error(f"{where}head array {k!r} has shape {tuple(v.shape)}; expected a leading "
+                        f"axis of {num_classes} (one head per class)")
 
 
 # -- the one call -----------------------------------------------------------------------------

@@ -320,3 +320,127 @@ def test_modularize_with_method_gradient(tmp_path):
         D.run_modularize(tmp_path, cfg, progress=False, data=data)
     again = D.run_modularize(tmp_path, cfg, resume=True, progress=False, data=data)  # already finished
     assert again["ensemble_valid_accuracy"] == summary["ensemble_valid_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def bn_modules(toy):
+    """Gradient modules of `_BNNet` (random masks and heads) and the splitter that scores them."""
+    from jaxsplit.modularize import Modules
+
+    _, _, x, _ = toy
+    net = _BNNet()
+    v = net.init(jax.random.key(0), x[:2])
+    params = {**v["params"], "head": {**v["params"]["head"], "kernel": 20.0 * v["params"]["head"]["kernel"]}}
+    v = {"params": params, "batch_stats": jax.tree_util.tree_map(lambda a: a + 0.5, v["batch_stats"])}
+    apply = functools.partial(net.apply, train=False)
+    graph = trace(apply, v, x[:2])
+    splitter = G.GradSplitter.for_graph(graph, apply, CFG)
+    # init="normal": about half the kernels kept; the first key whose modules keep a kernel of
+    # every site (module stats and extraction need one)
+    state = next(s for s in map(splitter.init, map(jax.random.key, range(5, 50)))
+                 if all(np.asarray(m > 0).any(-1).all() for m in s.masks.values()))
+    # heads far from their init, so each module's score varies with the input
+    leaves, tree = jax.tree_util.tree_flatten(state.heads)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    heads = tree.unflatten([3.0 * jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+    heads = {k: {**h, "bias": jnp.zeros_like(h["bias"])} for k, h in heads.items()}
+    # and each module's head logit centred on these images (so the argmax varies over them)
+    bits = {k: (m > 0).astype(jnp.float32) for k, m in state.masks.items()}
+    probs = jax.jit(splitter.scores)(v, bits, heads, x)
+    mean = jnp.mean(jnp.log(probs) - jnp.log1p(-probs), axis=0)  # (C,) mean pre-sigmoid logit
+    heads["dense_1"]["bias"] = -mean[:, None]
+    state = state.replace(heads=heads, best_heads=heads)
+    result = splitter.result(state)
+    modules = Modules.from_gradient(splitter, result, apply, v, class_names=("a", "b", "c"),
+                                    history=[{"epoch": 0, "valid_accuracy": 0.5}])
+    return splitter, result, modules, state, x
+
+
+def test_gradient_modules_score_is_the_head_logit_and_argmax_is_the_ensemble(bn_modules):
+    splitter, result, modules, state, x = bn_modules
+    assert modules.method == "gradient" and modules.info["gradient"]["alpha"] == CFG.alpha
+    assert modules.info["search"]["method"] == "gradient" and modules.info["best_epoch"] == -1
+    assert modules.heads["dense_0"]["kernel"].shape == (NUM_CLASSES, NUM_CLASSES, CFG.head_hidden)
+    assert 0 < modules.stats[0]["kept_kernels"] < splitter.total_kernels
+    bits = {k: (v > 0).astype(jnp.float32) for k, v in state.masks.items()}
+    probs = np.asarray(jax.jit(splitter.scores)(modules.variables, bits, state.heads, x))  # (B, C) sigmoids
+    logits = np.stack([np.asarray(modules.apply(c)(x)) for c in range(NUM_CLASSES)], -1)
+    np.testing.assert_allclose(jax.nn.sigmoid(logits), probs, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(logits, np.asarray(modules.apply(0, all_logits=True)(x)), atol=1e-3)
+    # argmax over the per-class logits is the ensemble's prediction (no sigmoid ties here)
+    top = np.sort(probs, -1)
+    assert np.all(top[:, -1] > top[:, -2])
+    pred = np.argmax(logits, -1)
+    np.testing.assert_array_equal(pred, np.argmax(probs, -1))
+    labels = np.arange(len(x)) % NUM_CLASSES
+    assert len(set(pred.tolist())) > 1
+    assert splitter.evaluate({k: result.masks[k] for k in splitter.free}, modules.variables, x, labels,
+                             heads=state.heads) == pytest.approx(np.mean(pred == labels), abs=1e-9)
+    # physically extracted: the same score within float32 rounding, with fewer weights
+    for c in range(NUM_CLASSES):
+        module_apply, module_vars = modules.extract(c)
+        from jaxsplit.modularize import HEAD_KEY
+        np.testing.assert_array_equal(module_vars[HEAD_KEY]["dense_1"]["bias"], modules.heads["dense_1"]["bias"][c])
+        kept = int(modules.masks["conv1"][c].sum())
+        assert module_vars["params"]["conv1"]["kernel"].shape[-1] == kept < 6
+        np.testing.assert_allclose(np.asarray(jax.jit(module_apply)(module_vars, x)), logits[:, c],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_modules_file_round_trips_heads_and_reads_version_1(bn_modules, tmp_path):
+    import json
+
+    from jaxsplit.modularize import HEADER_KEY, Modules, ModulesFileError
+
+    _, _, modules, _, x = bn_modules
+    path = modules.save(tmp_path / "modules.npz")
+    with np.load(path) as z:
+        header = json.loads(z[HEADER_KEY].tobytes().decode())
+        names = sorted(k for k in z.files if k.startswith("head/"))
+    assert header["format_version"] == 2 and header["method"] == "gradient"
+    assert names == ["head/dense_0/bias", "head/dense_0/kernel", "head/dense_1/bias", "head/dense_1/kernel"]
+    loaded = Modules.load(path, modules.graph, apply_fn=modules.apply_fn, variables=modules.variables)
+    assert loaded.method == "gradient" and loaded.info == json.loads(json.dumps(modules.info))
+    _assert_same(loaded.heads, modules.heads)
+    assert loaded.heads["dense_0"]["kernel"].dtype == np.float32
+    for k in modules.masks:
+        np.testing.assert_array_equal(loaded.masks[k], modules.masks[k])
+    np.testing.assert_array_equal(np.asarray(loaded.apply(2)(x)), np.asarray(modules.apply(2)(x)))
+    # modules without heads are still written (and read) as version 1: each module's class logit
+    info = {k: v for k, v in modules.info.items() if k != "method"}  # as files before the field
+    plain = dataclasses.replace(modules, heads=None, info=info).save(tmp_path / "v1.npz")
+    with np.load(plain) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert json.loads(arrays[HEADER_KEY].tobytes().decode())["format_version"] == 1
+    old = Modules.load(plain, modules.graph, apply_fn=modules.apply_fn, variables=modules.variables)
+    assert old.method == "ga" and old.heads is None
+    np.testing.assert_array_equal(np.asarray(old.apply(1)(x)),
+                                  np.asarray(modules.apply(1, all_logits=True)(x))[:, 1])
+    # a version-1 file cannot carry heads; heads must have one row per class
+    arrays["head/dense_0/bias"] = np.zeros((NUM_CLASSES, 10), np.float32)
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ModulesFileError, match="format version 1; heads need version 2"):
+        Modules.load(tmp_path / "bad.npz", modules.graph)
+    with pytest.raises(Exception, match=r"head array 'dense_0/bias' has shape \(2, 10\); expected a "
+                                        r"leading axis of 3"):
+        dataclasses.replace(modules, heads={"dense_0": {"bias": np.zeros((2, 10), np.float32)}})
+
+
+def test_gradient_modules_of_a_convnet_score_as_the_splitter(toy):
+    from jaxsplit.models import inference_apply
+    from jaxsplit.modularize import Modules
+
+    splitter, variables, x, _ = toy
+    apply = inference_apply(MODEL)
+    graph = trace(apply, variables, x[:1])
+    state = next(s for s in map(splitter.init, map(jax.random.key, range(2, 50)))
+                 if all(np.asarray(m > 0).any(-1).all() for m in s.masks.values()))
+    modules = Modules.from_gradient(splitter, splitter.result(state), apply, variables, graph=graph)
+    assert modules.graph is graph and set(modules.masks) == set(graph.names)
+    bits = {k: (v > 0).astype(jnp.float32) for k, v in state.masks.items()}
+    probs = jax.jit(splitter.scores)(variables, bits, state.heads, x)  # the ConvNet's own masking
+    for c in range(NUM_CLASSES):
+        np.testing.assert_allclose(jax.nn.sigmoid(modules.apply(c)(x)), probs[:, c], rtol=1e-6, atol=1e-7)
+    with pytest.raises(Exception, match="sites"):
+        Modules.from_gradient(splitter, splitter.result(state)._replace(masks={"x": np.ones((3, 2), bool)}),
+                              apply, variables, graph=graph)

@@ -68,6 +68,7 @@ __all__ = [
     "GradState",
     "GradResult",
     "GradSplitter",
+    "head_logit",
     "straight_through",
     "train",
     "list_checkpoints",
@@ -139,6 +140,26 @@ def straight_through(m: jax.Array, estimator: str = "hardtanh") -> jax.Array:
     if estimator not in _ESTIMATORS:
         raise GradientError(f"estimator must be one of {sorted(_ESTIMATORS)}, got {estimator!r}")
     return _ESTIMATORS[estimator](jnp.asarray(m, jnp.float32))
+
+
+def head_logit(head_params: Mapping[str, Any], logits: jax.Array) -> jax.Array:
+    """One module's MLP head before its sigmoid: `Linear(ReLU(Linear(ReLU(logits))))`.
+
+    The module's score is `sigmoid(head_logit(...))` (`GradSplitter.apply_head`); the ensemble
+    predicts the argmax of the C modules' sigmoid scores.
+
+    Args:
+      head_params: `{"dense_0": {"kernel": (N, H), "bias": (H,)}, "dense_1": {"kernel": (H, 1),
+        "bias": (1,)}}` (one module's, no leading C axis).
+      logits: `(B, N)` logits of the masked model.
+
+    Returns:
+      `(B,)` pre-sigmoid logits.
+    """
+    h = jax.nn.relu(logits)
+    h = jax.nn.relu(h @ head_params["dense_0"]["kernel"] + head_params["dense_0"]["bias"])
+    h = h @ head_params["dense_1"]["kernel"] + head_params["dense_1"]["bias"]
+    return h[..., 0]
 
 
 # -- state ---------------------------------------------------------------------------------------
@@ -356,10 +377,7 @@ class GradSplitter:
         """
         if self.cfg.head == "none":
             return jnp.take(logits, head_params["class_index"], axis=-1)
-        h = jax.nn.relu(logits)
-        h = jax.nn.relu(h @ head_params["dense_0"]["kernel"] + head_params["dense_0"]["bias"])
-        h = h @ head_params["dense_1"]["kernel"] + head_params["dense_1"]["bias"]
-        return jax.nn.sigmoid(h[..., 0])
+        return jax.nn.sigmoid(head_logit(head_params, logits))
 
     def module_score(self, variables: Any, head_params: Mapping[str, Any],
                      mask_c: Mapping[str, jax.Array], x: jax.Array) -> jax.Array:
