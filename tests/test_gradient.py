@@ -308,7 +308,8 @@ def test_modularize_with_method_gradient(tmp_path):
     data = (ds(slice(0, 64)), ds(slice(64, 80)), ds(slice(80, 96)))
     summary = D.run_modularize(tmp_path, cfg, progress=False, data=data)
     out = tmp_path / "modularize"
-    assert {"masks.npz", "heads.npz", "history.json", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert {"masks.npz", "heads.npz", "modules.npz", "history.json", "summary.json",
+            "config.yaml"} <= {p.name for p in out.iterdir()}
     assert [d for d, _ in G.list_checkpoints(out / "search_ckpt")] == [2, 3]
     assert summary["method"] == "gradient" and summary["epochs_run"] == 3
     assert summary["model_valid_accuracy"] == 1.0 and 0.0 <= summary["ensemble_valid_accuracy"] <= 1.0
@@ -316,6 +317,17 @@ def test_modularize_with_method_gradient(tmp_path):
     spec = model.conv_spec()
     assert {k: v.shape for k, v in masks.items()} == {n: (NUM_CLASSES, spec.num_kernels[n]) for n in spec.names}
     assert heads["dense_0"]["kernel"].shape == (NUM_CLASSES, NUM_CLASSES, 10)
+    assert summary["gradient"]["modular_epochs"] == 2 and summary["seed"] == 1
+    assert summary["source_model"]["params_sha256"] == ckpt.params_digest(params)
+    from jaxsplit.modularize import Modules
+
+    loaded = ckpt.load_model(tmp_path)
+    modules = Modules.load(out / "modules.npz", trace(loaded.apply_fn, loaded.variables, x[:1]),
+                           apply_fn=loaded.apply_fn, variables=loaded.variables)
+    assert modules.method == "gradient" and modules.info["search"]["gradient"]["modular_epochs"] == 2
+    _assert_same(modules.heads, heads)
+    for k, m in masks.items():
+        np.testing.assert_array_equal(modules.masks[k], m)
     with pytest.raises(D.SearchError, match="resume"):
         D.run_modularize(tmp_path, cfg, progress=False, data=data)
     again = D.run_modularize(tmp_path, cfg, resume=True, progress=False, data=data)  # already finished

@@ -2,9 +2,19 @@
 
 Same run folder as the GA (`run_dir/modularize/`): checkpoints `search_ckpt/epoch_XXXXX`
 (orbax, every `search.checkpoint_every` epochs; `--resume` continues bit-identically), and
-`masks.npz` (the best valid epoch's mask per class: arrays named by conv layer, leading C axis,
-the GA's format), `heads.npz` (the per-module heads, leading C axis, names `dense_0/kernel`...),
-`history.json`, `summary.json`. Files that already exist are never overwritten.
+`modules.npz` (a `jaxsplit.Modules` file with the per-module heads and `info["method"] ==
+"gradient"`: `Modules.load(path, graph)`), `masks.npz` (the best valid epoch's mask per class:
+arrays named by site, leading C axis, the GA's format), `heads.npz` (the per-module heads,
+leading C axis, names `dense_0/kernel`...), `history.json`, `summary.json` (with `"method":
+"gradient"` and the searcher's settings), `config.yaml` (the resolved config the search started
+with). Files that already exist are never overwritten.
+
+Any model `checkpoint.load_model` rebuilds works: the masks are over its traced kernel graph
+(`jaxsplit.trace`). A jaxsplit `ConvNet` (SimCNN, ResCNN) is searched through its own masking
+(`GradSplitter.for_convnet`: the mask multiplies each conv's post-ReLU output before the pool,
+as the reference does, docs/method.md §10); other models through the graph
+(`GradSplitter.for_graph`, which masks each consumer's input: the same forward pass, but after
+a max-pool a dropped kernel's mask gets another gradient, so the two do not train identically).
 
 The modules are trained on the modularization-train split and the best epoch is chosen on the
 valid split (docs/method.md §10); the test split is only measured at the end.
@@ -23,7 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import checkpoint as ckpt
+from jaxsplit import config as jconfig
 from jaxsplit import extract
+from jaxsplit import io as jio
+from jaxsplit import modularize as modz
+from jaxsplit.models.convnet import ConvNet
 from jaxsplit.search import driver as D
 from jaxsplit.search import gradient as G
 
@@ -63,21 +77,33 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
     if D.list_checkpoints(ckpt_root):
         raise D.SearchError(f"{str(ckpt_root)!r} holds GA checkpoints; a gradient search cannot "
                             f"resume them (use another run folder or search.method=ga)")
-    model, params, train_cfg, _ = ckpt.load_model(run_dir)
+    loaded = ckpt.load_model(run_dir)
+    model, params, train_cfg = loaded.model, loaded.params, loaded.cfg
+    apply_fn, variables = loaded.apply_fn, loaded.variables
     model_desc = pipeline.model_description(train_cfg.model, model)
     train, valid, test = pipeline.prepare_data(cfg.data) if data is None else data
-    if valid.num_classes != model.num_classes:
-        raise D.SearchError(f"the data has {valid.num_classes} classes but the model "
-                            f"{model.num_classes}; use the run's data config")
     num_valid = len(valid) if scfg.num_valid is None else min(scfg.num_valid, len(valid))
     v_images = np.asarray(valid.images[:num_valid], np.float32)
     v_labels = np.asarray(valid.labels[:num_valid], np.int32)
-    class_names = list(valid.class_names) if valid.class_names else [str(c) for c in range(model.num_classes)]
+    graph = modz.trace_graph(apply_fn, variables, v_images[:1])
+    num_classes = int(graph.num_outputs)
+    if valid.num_classes != num_classes:
+        raise D.SearchError(f"the data has {valid.num_classes} classes but the model "
+                            f"{num_classes}; use the run's data config")
+    class_names = list(valid.class_names) if valid.class_names else [str(c) for c in range(num_classes)]
+    classes = np.arange(num_classes, dtype=np.int32)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not existing:  # a new search: keep its settings for `--resume` and the report
+        jio.atomic_write_text(out_dir / D.CONFIG_FILE, D._yaml_dump(jconfig.to_dict(cfg)))
 
     num_train = len(train) if gcfg.num_train is None else min(gcfg.num_train, len(train))
-    variables = {"params": params}
-    splitter = G.GradSplitter.for_convnet(model, cfg=gcfg)
+    if isinstance(model, ConvNet):  # the reference's masking (see the module docstring)
+        splitter = G.GradSplitter.for_convnet(model, cfg=gcfg, num_classes=num_classes)
+        if tuple(splitter.names) != tuple(graph.names):
+            raise D.SearchError(f"the ConvNet's mask sites {list(splitter.names)} differ from its "
+                                f"traced graph's {list(graph.names)}")
+    else:
+        splitter = G.GradSplitter.for_graph(graph, apply_fn, cfg=gcfg, num_classes=num_classes)
     state = splitter.init(jax.random.key(scfg.seed))
     fp = D.fingerprint(cfg, model_desc, params)
     t0 = time.perf_counter()
@@ -96,20 +122,28 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
     heads = {k.replace(".", "/"): np.asarray(v) for k, v in D._flat_items(result.head_params).items()}
     D._save_npz(out_dir / "heads.npz", heads)
 
+    modules_path = out_dir / D.MODULES_FILE
+    if not (modules_path.exists() and D._readable(modules_path)):
+        modz.Modules.from_gradient(
+            splitter, result, apply_fn, variables, graph=graph, class_names=class_names,
+            history=history, search=scfg,
+            info={"num_train_images": int(num_train), "num_valid_images": int(num_valid)},
+        ).save(modules_path)
+
     free = {k: result.masks[k] for k in splitter.free}
     heads_dev = jax.tree_util.tree_map(jnp.asarray, result.head_params) if gcfg.head == "mlp" else {}
     ens_valid = splitter.evaluate(free, variables, v_images, v_labels, heads=heads_dev)
     ens_test = splitter.evaluate(free, variables, np.asarray(test.images, np.float32),
                                  np.asarray(test.labels, np.int32), heads=heads_dev)
     model_acc = {}
-    apply = jax.jit(lambda xb: jnp.argmax(model.apply(variables, xb), -1))
+    apply = jax.jit(lambda xb: jnp.argmax(apply_fn(variables, xb), -1))
     for split, (x, y) in {"valid": (v_images, v_labels), "test": (test.images, test.labels)}.items():
         preds = np.concatenate([np.asarray(apply(jnp.asarray(x[s:s + 1000], jnp.float32)))
                                 for s in range(0, len(y), 1000)])
         model_acc[split] = float(np.mean(preds == np.asarray(y)))
     per_class = []
-    for c in range(model.num_classes):
-        stats = extract.stats_from_mask(model, result.mask_of(c))
+    for c in range(num_classes):
+        stats = extract.module_stats(graph, result.mask_of(c))
         per_class.append({"class": c, "name": class_names[c], **{k: D._py(v) for k, v in stats.items()}})
 
     def mean_of(key: str) -> float | None:
@@ -118,7 +152,10 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
 
     times = [h["time_s"] for h in history]
     summary = {
-        "model": model_desc, "method": "gradient", "num_valid_images": int(num_valid),
+        "model": model_desc, "method": "gradient",
+        "source_model": D.source_model_record(run_dir, fp["params"]["sha256"], train_cfg, classes,
+                                              class_names),
+        "gradient": jconfig.to_dict(gcfg), "seed": scfg.seed, "num_valid_images": int(num_valid),
         "num_train_images": int(num_train), "epochs_run": len(history),
         "num_epochs": gcfg.num_epochs, "best_epoch": result.best_epoch,
         # the GA summary's names, so format_summary and reports read both
