@@ -46,6 +46,11 @@ class ReportError(JaxsplitError, FileNotFoundError):
 # -- formatting helpers -----------------------------------------------------------------------
 
 
+# the gradient searcher's settings a report names (docs/method.md §10)
+GRADIENT_KEYS = ("alpha", "head", "init", "estimator", "head_epochs", "modular_epochs",
+                 "cycle_mask_epochs", "cycle_head_epochs", "lr_modular", "lr_head", "batch_size")
+
+
 def _is_scalar(x: Any) -> bool:
     return x is None or isinstance(x, (bool, int, float, str))
 
@@ -189,9 +194,15 @@ def _config_section(run_dir: Path) -> list[str]:
             keys = {"data": ("name", "source", "classes", "train_limit", "image_size"),
                     "model": ("name", "width"),
                     "train": ("optimizer", "learning_rate", "epochs", "batch_size"),
-                    "search": ("strategy", "population_size", "num_generations", "ensemble"),
+                    "search": ("strategy", "population_size", "num_generations", "ensemble", "method"),
                     "patch": ("task", "strong_classes", "weak_classes", "tc_train_images",
                               "weak_model", "weak_epochs", "calibrations")}[section]
+            if section == "search" and sec.get("method") == "gradient":
+                keys = ("method", "seed")
+                grad = sec.get("gradient")
+                sec = {**sec, **({f"gradient.{k}": v for k, v in grad.items() if k in GRADIENT_KEYS}
+                                 if isinstance(grad, Mapping) else {})}
+                keys += tuple(f"gradient.{k}" for k in GRADIENT_KEYS)
             val = ", ".join(f"{k}={_fmt(sec[k]) if _is_scalar(sec[k]) else sec[k]}" for k in keys if k in sec)
             rows.append((label, val))
     lines += _table(["section", "settings"], rows) if rows else []
@@ -456,9 +467,21 @@ def _summary_section(run_dir: Path) -> list[str]:
                    + (f" ({metrics['num_classes']} classes, {metrics['num_train']:,} training images)"
                       if isinstance(metrics.get("num_classes"), int) and isinstance(metrics.get("num_train"), int)
                       else ""))
-    if summary:
+    if summary and summary.get("method") == "gradient":
+        grad = summary.get("gradient") if isinstance(summary.get("gradient"), Mapping) else {}
+        settings = ", ".join(f"{k}={_fmt(grad[k])}" for k in GRADIENT_KEYS if k in grad)
+        ran.append(f"**modularization**: one module per class, found by the gradient searcher "
+                   f"(`search.method=gradient`: per-class kernel masks and module heads trained by "
+                   f"gradient descent, model weights frozen; {_count(summary.get('epochs_run'))} of "
+                   f"{_count(summary.get('num_epochs'))} epochs on "
+                   f"{_count(summary.get('num_train_images'))} training images, best epoch "
+                   f"{summary.get('best_epoch', '?')} chosen on "
+                   f"{_count(summary.get('num_valid_images'))} validation images"
+                   + (f"; {settings}" if settings else "") + ")")
+    elif summary:
         gens = summary.get("generations_run")
-        ran.append(f"**modularization**: one module per class, found by the `{summary.get('strategy', '?')}` "
+        ran.append(f"**modularization**: one module per class, found by the GA searcher "
+                   f"(`search.method=ga`): the `{summary.get('strategy', '?')}` "
                    f"search ({summary.get('population_size', '?')} individuals per class, {gens} generations, "
                    f"{_count(summary.get('num_valid_images'))} validation images as the search set)")
     names = _tc_names(patch, run_dir) if patch else {}

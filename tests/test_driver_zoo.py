@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,13 +44,21 @@ def jaxsplit_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory) -> Path:
-    """A tiny ResNet-20 trained (in process) and modularized through the CLI (a subprocess)."""
+def trained(tmp_path_factory) -> Path:
+    """A tiny ResNet-20 trained in process (copy it before modularizing)."""
     root = tmp_path_factory.mktemp("zoo")
     config = root / "tiny_resnet.yaml"
     config.write_text(yaml.safe_dump(TINY_RESNET))
-    run = root / "run"
+    run = root / "trained"
     assert cli.main(["train", "--config", str(config), "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def searched(trained) -> Path:
+    """The tiny ResNet-20 modularized (GA) through the CLI (a subprocess)."""
+    run = trained.with_name("run")
+    shutil.copytree(trained, run)
     jaxsplit_cli("modularize", "--run", str(run), "--no-progress")
     return run
 
@@ -129,3 +138,40 @@ def test_estimates_count_the_macs_of_any_model():
     assert "10.2 M MACs/image" in pipeline.train_estimate(cfg, cores=2, threshold_s=0)
     with pytest.raises(TypeError, match="got int"):
         pipeline.model_macs(3)
+
+
+@pytest.mark.slow  # ~25-45 s on 2 cores: compiling the masks' gradient through ResNet-20
+def test_gradient_search_on_a_resnet_writes_modules_with_heads(trained, tmp_path):
+    """The gradient searcher's run-folder driver on a BatchNorm zoo model (the traced graph)."""
+    from jaxsplit import config as jconfig
+    from jaxsplit import pipeline
+    from jaxsplit.data.dataset import take
+    from jaxsplit.search import driver as D
+
+    run = tmp_path / "grad"
+    shutil.copytree(trained, run)
+    loaded = ckpt.load_model(run)
+    cfg = jconfig.from_dict(jconfig.Config, {
+        **jconfig.to_dict(loaded.cfg), "search": {
+            "method": "gradient", "num_valid": 16, "checkpoint_every": 1, "seed": 0,
+            "gradient": {"head_epochs": 0, "modular_epochs": 1, "cycle_mask_epochs": 1,
+                         "cycle_head_epochs": 0, "batch_size": 16, "eval_batch_size": 64,
+                         "num_train": 16}}})
+    train, valid, test = (take(ds, 16) for ds in pipeline.prepare_data(cfg.data))
+    summary = D.run_modularize(run, cfg, progress=False, data=(train, valid, test))
+    assert summary["method"] == "gradient" and summary["epochs_run"] == 1
+    assert summary["gradient"]["cycle_head_epochs"] == 0
+    graph = trace(loaded.apply_fn, loaded.variables, np.zeros((1, 32, 32, 1), np.float32))
+    modules = modz.Modules.load(run / "modularize" / "modules.npz", graph, apply_fn=loaded.apply_fn,
+                                variables=loaded.variables)
+    assert modules.method == "gradient" and set(modules.masks) == set(graph.names)
+    assert modules.heads["dense_1"]["kernel"].shape == (4, 10, 1)
+    x = np.asarray(test.images[:8], np.float32)
+    for c in (0, 3):
+        module_apply, module_vars = modules.extract(c)
+        np.testing.assert_allclose(np.asarray(module_apply(module_vars, x)),
+                                   np.asarray(modules.apply(c)(x)), rtol=1e-5, atol=1e-5)
+    assert cli.main(["report", "--run", str(run)]) == 0
+    text = (run / "report.md").read_text()
+    assert "found by the gradient searcher (`search.method=gradient`" in text
+    assert "| search (modularize/config.yaml) | method=gradient, seed=0, gradient.alpha=0.1," in text

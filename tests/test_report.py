@@ -147,3 +147,26 @@ def test_summary_verdict_when_patching_fails(tmp_path):
     text = report.render_report(run)
     assert "| target classes improved on both precision and recall | 0 of 2 |" in text
     assert "No single target class gains on both precision and recall" in text
+
+
+def test_report_names_the_gradient_searcher_and_its_settings(tmp_path):
+    run = _fake_run(tmp_path)
+    summary = json.loads((run / "modularize" / "summary.json").read_text())
+    for k in ("strategy", "population_size", "generations_run"):
+        summary.pop(k, None)
+    summary.update({"method": "gradient", "epochs_run": 12, "num_epochs": 145, "best_epoch": 9,
+                    "num_train_images": 10000,
+                    "gradient": {"alpha": 0.1, "head": "mlp", "modular_epochs": 140, "batch_size": 64,
+                                 "num_train": 10000}})
+    (run / "modularize" / "summary.json").write_text(json.dumps(summary))
+    (run / "modularize" / "config.yaml").write_text(
+        "search:\n  method: gradient\n  seed: 3\n  gradient:\n    alpha: 0.1\n    lr_modular: 0.001\n")
+    text = report.write_report(run).read_text()
+    head = text[: text.index("## Configuration")]
+    assert ("found by the gradient searcher (`search.method=gradient`: per-class kernel masks and "
+            "module heads trained by gradient descent, model weights frozen; 12 of 145 epochs on "
+            "10,000 training images, best epoch 9 chosen on 1,000 validation images; alpha=0.1, "
+            "head=mlp, modular_epochs=140, batch_size=64)") in head
+    assert "individuals per class" not in head
+    assert ("| search (modularize/config.yaml) | method=gradient, seed=3, gradient.alpha=0.1, "
+            "gradient.lr_modular=0.001 |") in text

@@ -531,7 +531,7 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
         "model": model_desc,
         "source_model": source_model_record(run_dir, fp["params"]["sha256"], train_cfg, classes,
                                             class_names),
-        "strategy": scfg.strategy, "population_size": scfg.population_size,
+        "method": "ga", "strategy": scfg.strategy, "population_size": scfg.population_size,
         "num_genes": problem.enc.num_genes, "num_valid_images": int(num_valid),
         "generations_run": len(history), "num_generations": scfg.num_generations,
         "stopped_early": bool(carry.stopped), "best_generation": int(carry.best_generation),
