@@ -7,6 +7,8 @@ directly, so calling these functions from a notebook or a GUI program changes no
 
 * `plot_search_history(history, path, ...)`: ``modularize/curves.png``, the GA per generation;
 * `plot_sensitivity(curves, ratios, path, layer_names)`: ``modularize/sensitivity.png``;
+* `plot_searcher_comparison(curves, path)`: the searchers' curves against wall time
+  (``benchmarks/compare_searchers.py``);
 * `plot_patch_results(results, out_dir)`: ``patch/patch_tc_bars.png``,
   ``patch/patch_calibrations.png`` and ``patch/patch_module_size.png``.
 
@@ -24,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_search_history", "plot_sensitivity", "plot_patch_results", "target_class_labels"]
+__all__ = ["plot_search_history", "plot_sensitivity", "plot_searcher_comparison", "plot_patch_results",
+           "target_class_labels"]
 
 # colours, fixed so that a quantity looks the same in every figure
 _WEAK, _MODULE, _WHOLE = "#9e9e9e", "#1f77b4", "#ff7f0e"
@@ -158,6 +161,50 @@ def plot_search_history(history: Sequence[Mapping[str, Any]], path: str | Path, 
         if len(gens) <= 30:
             ax.set_xticks(gens if len(gens) <= 12 else gens[::max(1, len(gens) // 10)])
     fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return _save(fig, Path(path))
+
+
+def plot_searcher_comparison(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *,
+                             model_valid_accuracy: float | None = None,
+                             title: str = "Searchers against wall time") -> Path:
+    """Ensemble valid accuracy and mean kept-kernel fraction against wall time, one line per
+    searcher, as ``path`` (a PNG with two panels).
+
+    Args:
+      curves: ``{searcher: {"time_s": [...], "valid_accuracy": [...], "kept_fraction": [...]}}``,
+        one point per generation / epoch: seconds since the search started, the ensemble's
+        accuracy on the validation images (0-1) and the mean kept-kernel fraction (0-1).
+      path: the PNG to write.
+      model_valid_accuracy: the trained model's valid accuracy, a horizontal reference line.
+      title: the figure title.
+
+    Returns:
+      ``path``.
+    """
+    if not curves:
+        raise ValueError("curves is empty: nothing to plot")
+    for name, c in curves.items():
+        lengths = {k: len(c.get(k, ())) for k in ("time_s", "valid_accuracy", "kept_fraction")}
+        if len(set(lengths.values())) != 1 or not lengths["time_s"]:
+            raise ValueError(f"curves[{name!r}] needs time_s, valid_accuracy and kept_fraction of one "
+                             f"equal, non-zero length; got lengths {lengths}")
+    fig = _figure(11, 4.2)
+    axes = fig.subplots(1, 2)
+    fig.suptitle(title, fontsize=12)
+    colours = (_MODULE, _WHOLE, "#2ca02c", "#d62728")
+    for i, (name, c) in enumerate(curves.items()):
+        t = np.asarray([_num(v) for v in c["time_s"]])
+        style = dict(color=colours[i % len(colours)], marker=".", label=name)
+        axes[0].plot(t, 100 * np.asarray([_num(v) for v in c["valid_accuracy"]]), **style)
+        axes[1].plot(t, 100 * np.asarray([_num(v) for v in c["kept_fraction"]]), **style)
+    if model_valid_accuracy is not None:
+        axes[0].axhline(100 * model_valid_accuracy, color="black", ls="--", lw=1, label="model")
+    for ax, ylabel in zip(axes, ("ensemble valid accuracy (%)", "kernels kept, mean over modules (%)")):
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     return _save(fig, Path(path))
 
 

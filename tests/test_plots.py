@@ -91,3 +91,15 @@ def test_import_is_lazy():
     code = "import sys, jaxsplit.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_searcher_comparison_plot_and_errors(tmp_path):
+    curves = {"ga": {"time_s": [5.0, 9.0, 13.0], "valid_accuracy": [0.8, 0.85, 0.86],
+                     "kept_fraction": [0.7, 0.62, 0.6]},
+              "gradient": {"time_s": [2.0, 4.0], "valid_accuracy": [0.88, 0.87], "kept_fraction": [1.0, 0.9]}}
+    path = plots.plot_searcher_comparison(curves, tmp_path / "c.png", model_valid_accuracy=0.9)
+    assert _is_png(path)
+    with pytest.raises(ValueError, match=r"curves\['ga'\] needs .* lengths \{'time_s': 3, 'valid_accuracy': 2"):
+        plots.plot_searcher_comparison({"ga": {**curves["ga"], "valid_accuracy": [0.8, 0.9]}}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_searcher_comparison({}, tmp_path / "x.png")
