@@ -275,18 +275,34 @@ def _e2e_config(**patch_overrides):
     })
 
 
-def _train_with_whole_modules(cfg, run):
-    """Trains `cfg` into `run` and writes all-ones modules with the summary that names the model."""
+def _write_whole_modules(run, **info):
+    """Writes all-ones modules (each the whole model) of the run's model into
+    ``modularize/modules.npz`` with a finished search's ``summary.json``; returns the Modules."""
     from jaxsplit import checkpoint
     from jaxsplit import masks as masks_lib
+    from jaxsplit import modularize as modz
+
+    loaded = checkpoint.load_model(run)
+    apply_fn, variables = loaded.apply_fn, loaded.variables
+    graph = modz.trace_graph(apply_fn, variables, loaded.model.dummy_input(1))
+    c = graph.num_outputs
+    modules = modz.Modules(
+        masks={k: np.asarray(v) for k, v in masks_lib.full(graph, (c,)).items()},
+        classes=np.arange(c, dtype=np.int32), class_names=tuple(str(i) for i in range(c)),
+        stats=tuple({"class": i} for i in range(c)), history=(), graph=graph,
+        info={"params_sha256": modz.variables_digest(variables), **info})
+    modules.save(run / "modularize" / "modules.npz")
+    (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
+        "params_sha256": checkpoint.params_digest(loaded.params), "class_ids": list(range(c))}}))
+    return modules
+
+
+def _train_with_whole_modules(cfg, run, **info):
+    """Trains `cfg` into `run` and writes all-ones modules with a finished search's summary."""
     from jaxsplit import train as jtrain
 
     strong = jtrain.train_and_evaluate(cfg, run, progress=False)
-    full = masks_lib.full(strong.model.conv_spec(), (strong.model.num_classes,))
-    (run / "modularize").mkdir()
-    np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
-    (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
-        "params_sha256": checkpoint.params_digest(strong.params), "class_ids": list(range(5))}}))
+    _write_whole_modules(run, **info)
     return strong
 
 
