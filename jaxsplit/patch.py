@@ -141,6 +141,7 @@ __all__ = [
     "poor_fit_config",
     "train_poor_fit",
     "load_modules",
+    "check_extractable",
     "tc_module",
     "module_size",
     "apply_predict",
@@ -1195,6 +1196,8 @@ def load_modules(run_dir: str | Path, apply_fn: Callable, variables: Any, exampl
       ModulesNotFoundError: no modules file (the message says which command writes it).
       PatchError: any other problem, naming the file and the command that makes it again.
     """
+    import zipfile
+
     from jaxsplit import masks as masks_lib
     from jaxsplit import modularize as modz
 
@@ -1219,7 +1222,7 @@ def load_modules(run_dir: str | Path, apply_fn: Callable, variables: Any, exampl
                                     check_params=False)
     except modz.ModulesFileError as e:
         raise PatchError(f"{e}; make it again for the run's model with `{cmd} --restart`") from e
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+    except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise PatchError(f"{str(path)!r} is not a readable modules file ({type(e).__name__}: {e}); "
                          f"make it again with `{cmd} --restart`") from e
     recorded = modules.info.get("params_sha256") if isinstance(modules.info, dict) else None
@@ -1241,20 +1244,30 @@ def load_modules(run_dir: str | Path, apply_fn: Callable, variables: Any, exampl
         masks_lib.validate(modules.masks, graph, (num_outputs,), check_values=False)
     except masks_lib.MaskError as e:
         raise PatchError(f"{str(path)!r}: {e}; make it again with `{cmd} --restart`") from e
-    for c in target_classes:
+    check_extractable(modules, target_classes, run_dir)
+    return modules
+
+
+def check_extractable(modules: Any, classes: Sequence[int], run_dir: str | Path) -> None:
+    """Refuse (`PatchError`, naming the file, class and site) a module of ``classes`` that
+    keeps no kernel at some site, or whose tied sites differ: it cannot be extracted."""
+    from jaxsplit import masks as masks_lib
+
+    path = Path(run_dir) / "modularize" / MODULES_FILE
+    cmd = f"jaxsplit modularize --run {Path(run_dir)}"
+    for c in classes:
         mask = modules.mask(int(c))
-        empty = [n for n in graph.names if not np.asarray(mask[n]).any()]
+        empty = [n for n in modules.graph.names if not np.asarray(mask[n]).any()]
         if empty:
             raise PatchError(
                 f"{str(path)!r}: the module of class {int(c)} keeps no kernel at site {empty[0]!r}; "
                 f"a module must keep at least one kernel at every site to be extracted (search "
                 f"again with `{cmd} --restart`)")
         try:
-            masks_lib.validate(mask, graph, ())
+            masks_lib.validate(mask, modules.graph, ())
         except masks_lib.MaskError as e:
             raise PatchError(f"{str(path)!r}: the module of class {int(c)}: {e}; make it again "
                              f"with `{cmd} --restart`") from e
-    return modules
 
 
 def _json_stats(stats: dict) -> dict:
@@ -1445,6 +1458,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
     model, strong_cfg, strong_metrics = loaded.model, loaded.cfg, loaded.metrics
     apply_fn, variables = loaded.apply_fn, loaded.variables
     num_strong = int(jax.eval_shape(apply_fn, variables, model.dummy_input(1)).shape[-1])
+    modules = load_modules(run_dir, apply_fn, variables, model.dummy_input(1))
     data_cfg = strong_cfg.data
     if cfg.data.data_dir is not None:
         data_cfg = dataclasses.replace(data_cfg, data_dir=cfg.data.data_dir)
@@ -1454,7 +1468,7 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         if not 0 <= lc < num_strong:
             raise PatchError(f"target class {tc} is class {lc} of the strong model, which has only "
                              f"{num_strong} classes")
-    modules = load_modules(run_dir, apply_fn, variables, model.dummy_input(1), target_classes=local.values())
+    check_extractable(modules, sorted(set(local.values())), run_dir)
     modules_entry = {"searcher": _searcher(modules),
                      "file": str(Path("modularize") / MODULES_FILE),
                      "params_sha256": modules.info.get("params_sha256")}
