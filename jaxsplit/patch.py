@@ -84,7 +84,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence

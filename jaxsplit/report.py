@@ -320,8 +320,9 @@ def _patch_section(run_dir: Path) -> list[str]:
     if isinstance(modules, Mapping):
         searcher = {"ga": "the genetic search", "gradient": "the gradient searcher"}.get(
             str(modules.get("searcher")), _fmt(modules.get("searcher")))
-        lines += [f"Modules: `{_fmt(modules.get('file', 'modularize/modules.npz'))}`, made by {searcher} "
-                  f"(searcher `{_fmt(modules.get('searcher'))}`).", ""]
+        made = (f"Modules: `{_fmt(modules.get('file', 'modularize/modules.npz'))}`, made by {searcher} "
+                f"(searcher `{_fmt(modules.get('searcher'))}`).")
+        lines += [made, ""]
     weak = res.get("weak_model")
     if isinstance(weak, Mapping):
         lines += ["Weak model: " + ", ".join(f"{k}={_fmt(v)}" for k, v in weak.items() if _is_scalar(v)), ""]
