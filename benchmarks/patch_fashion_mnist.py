@@ -4,7 +4,7 @@ Usage:
     python benchmarks/patch_fashion_mnist.py RUN_DIR [--set patch.weak_epochs=5 ...] [--out PATH]
 
 RUN_DIR must hold a trained Fashion-MNIST model (`checkpoint/`) and its modules
-(`modularize/masks.npz`), e.g. from `configs/fashion_mnist_self_patch.yaml` (the faithful
+(`modularize/modules.npz`, either searcher), e.g. from `configs/fashion_mnist_self_patch.yaml` (the faithful
 protocol: strong model on classes 0-4) or the demo run (one 10-class strong model). For each
 target class in the run's `patch` section, this trains (or reuses) the weak model, patches it
 with the TC module under every calibration, and measures it on the test split; then it writes

@@ -12,7 +12,7 @@ split only; the test split is only measured. CPU-sized budget (~40 min on 2 shar
 SimCNN x0.125 for 4 epochs, a small search (16 individuals, 8 generations, 1,000 valid
 images), weak CNNs for 4 epochs.
 
-Resumable: each split's run folder keeps its checkpoint, masks and `patch/patch_results.json`;
+Resumable: each split's run folder keeps its checkpoint, modules and `patch/patch_results.json`;
 a finished split (its `split_result.json`, same settings) is not recomputed, and
 `--only 0 2` runs some splits (e.g. two processes side by side; a lock file keeps them apart),
 after which a plain run collects every split into the JSON. Writes
@@ -128,7 +128,7 @@ def run_split(index: int, strong: tuple[int, ...], weak: tuple[int, ...], workdi
         jconfig.save(cfg, run_dir / "config.yaml")
     times["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if not (run_dir / "modularize" / "masks.npz").is_file():
+    if not (run_dir / "modularize" / "modules.npz").is_file():
         driver.run_modularize(run_dir, cfg, resume=(run_dir / "modularize" / "search_ckpt").exists(),
                               progress=progress)
     times["modularize_s"] = time.perf_counter() - t0

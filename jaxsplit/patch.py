@@ -24,13 +24,17 @@ The run's strong model may have been trained on all N classes (the demo trains o
 model and modularises it once, to save time) or only on A (the faithful protocol:
 ``configs/fashion_mnist_self_patch.yaml`` trains the strong model with
 ``data.classes: [0, 1, 2, 3, 4]``). Either way the module for TC comes from the run's
-modularization (``runs/NAME/modularize/masks.npz``), physically extracted with
-`jaxsplit.extract.extract`; its output is the strong model's logit for TC. When the strong model
-was trained on a subset, class ids are mapped through ``data.classes`` (TC's module is row
-``data.classes.index(TC)`` of the masks, and its logit that column). Training the strong model on
-all N classes means it has seen the weak classes B as negatives, which makes its TC module a
-better one-vs-rest detector than in the faithful protocol; results of the two are reported
-separately and must not be mixed.
+modularization (``runs/NAME/modularize/modules.npz``, a `jaxsplit.modularize.Modules` file of
+either searcher), loaded for the strong model's traced kernel graph (`load_modules`: another
+model or other weights are refused) and physically extracted with `Modules.extract`; its output
+is the module's TC score (the strong model's TC logit through the module's kernels). Any
+traced model works: the jaxsplit ConvNets and the zoo's BatchNorm ResNets / VGGs alike. When the
+strong model was trained on a subset, class ids are mapped through ``data.classes`` (TC's module
+is class ``data.classes.index(TC)`` of the modules, and the whole model's logit that column).
+Training the strong model on all N classes means it has seen the weak classes B as negatives,
+which makes its TC module a better one-vs-rest detector than in the faithful protocol; results
+of the two are reported separately and must not be mixed. The results record which searcher
+made the modules (``modules.searcher``: "ga" or "gradient").
 
 Calibration data
 ----------------
@@ -80,7 +84,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -136,8 +139,11 @@ __all__ = [
     "train_weak",
     "poor_fit_config",
     "train_poor_fit",
-    "load_masks",
+    "load_modules",
+    "check_extractable",
     "tc_module",
+    "module_size",
+    "apply_predict",
     "format_table",
     "run_patch",
     "CIFAR100_REFERENCE_CLASSES",
@@ -487,8 +493,11 @@ def batched(apply_fn: Callable[[jax.Array], jax.Array], batch_size: int = 1000) 
       ``predict(images (N, H, W, C)) -> numpy outputs (N, ...)``.
     """
     _check_count(batch_size, "batch_size")
-    fn = jax.jit(apply_fn)
-    size = int(batch_size)
+    return _padded_batches(jax.jit(apply_fn), int(batch_size))
+
+
+def _padded_batches(fn: Callable[[jax.Array], Any], size: int) -> PredictFn:
+    """``predict(images)``: ``fn`` on fixed-size batches of ``size`` (the last zero-padded)."""
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -1147,103 +1156,120 @@ def train_poor_fit(cfg: Any, task: PatchTask, underfit_epochs: int, workdir: Pat
 # --------------------------------------------------------------------------------------------
 # Modules of the strong model.
 
-
-class MasksNotFoundError(PatchError, FileNotFoundError):
-    """The run has no ``modularize/masks.npz``."""
+MODULES_FILE = "modules.npz"  # the run's `jaxsplit.Modules` file, in ``modularize/``
 
 
-def load_masks(path: Path, model: Any, params: Any = None) -> dict[str, np.ndarray]:
-    """``{conv_name: bool (C, K_l)}`` from ``modularize/masks.npz``, checked against ``model``.
+class ModulesNotFoundError(PatchError, FileNotFoundError):
+    """The run has no ``modularize/modules.npz``."""
 
-    The file must hold exactly the model's conv layers, each ``(classes, kernels)`` of dtype bool
-    (or integers that are exactly 0/1), every class keeping >= 1 kernel per layer and tied layers
-    equal. With ``params``, the ``summary.json`` next to it must record this model (its params
-    digest): modules searched on a model that was retrained since are refused.
+
+def _searcher(modules: Any) -> str:
+    """The searcher that made ``modules`` ("ga" / "gradient"), as the file records it."""
+    info = modules.info if isinstance(modules.info, dict) else {}
+    search = info.get("search") if isinstance(info.get("search"), dict) else {}
+    return str(info.get("method") or search.get("method") or "ga")
+
+
+def load_modules(run_dir: str | Path, apply_fn: Callable, variables: Any, example_x: Any,
+                 target_classes: Sequence[int] = ()) -> Any:
+    """The run's modules (``modularize/modules.npz``) for its strong model, checked.
+
+    The model's kernel graph is traced (`jaxsplit.modularize.trace_graph`) and the file read
+    with `jaxsplit.modularize.Modules.load`, which refuses another format version or a file
+    made for another model (graph fingerprint); the file must also record these weights (its
+    params SHA-256), hold one module per model output (class ids ``0 .. C-1``), and the search
+    that wrote it must have finished (``summary.json`` next to it). Each module of
+    ``target_classes`` (the strong model's class ids) must keep at least one kernel at every
+    site, so it can be extracted.
+
+    Args:
+      run_dir: the run folder.
+      apply_fn, variables: the strong model (`checkpoint.LoadedModel.apply_fn` / ``.variables``).
+      example_x: one input ``(1, H, W, C)`` to trace the graph with.
+      target_classes: the strong model's class ids whose modules will be extracted.
+
+    Returns:
+      `jaxsplit.modularize.Modules` with the model attached (``extract`` works).
 
     Raises:
-      PatchError: naming the file and what is wrong.
+      ModulesNotFoundError: no modules file (the message says which command writes it).
+      PatchError: any other problem, naming the file and the command that makes it again.
     """
     import zipfile
 
     from jaxsplit import masks as masks_lib
+    from jaxsplit import modularize as modz
 
-    path = Path(path)
-    cmd = f"jaxsplit modularize --run {path.parent.parent}"
+    run_dir = Path(run_dir)
+    path = run_dir / "modularize" / MODULES_FILE
+    summary_path = path.parent / "summary.json"
+    cmd = f"jaxsplit modularize --run {run_dir}"
     if not path.is_file():
-        raise MasksNotFoundError(f"no module masks at {str(path)!r}; run the modularization first "
-                                 f"(`{cmd}`)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            raw = {k: np.asarray(f[k]) for k in f.files}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise PatchError(f"{path}: not a readable masks file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); make it again with "
-                         f"`{cmd} --restart`") from e
-    spec = model.conv_spec()
-    if set(raw) != set(spec.names):
-        raise PatchError(f"{path}: mask layers {sorted(raw)} do not match the model's conv layers "
-                         f"{list(spec.names)}")
-    masks = {}
-    for layer in spec.layers:
-        m = raw[layer.name]
-        if m.shape != (model.num_classes, layer.num_kernels):
-            raise PatchError(f"{path}: mask {layer.name} has shape {m.shape}, expected "
-                             f"({model.num_classes}, {layer.num_kernels}) (classes, kernels)")
-        if m.dtype != np.bool_:
-            if not np.issubdtype(m.dtype, np.integer):
-                raise PatchError(f"{path}: mask {layer.name} has dtype {m.dtype}; expected bool "
-                                 f"(or integers 0/1)")
-            bad = np.unique(m[(m != 0) & (m != 1)])
-            if bad.size:
-                raise PatchError(f"{path}: mask {layer.name} holds values {bad[:5].tolist()}; "
-                                 f"expected only 0 and 1 (or bool)")
-            m = m.astype(bool)
-        empty = np.flatnonzero(~m.any(axis=1))
-        if empty.size:
-            raise PatchError(f"{path}: mask {layer.name} keeps no kernel for class {int(empty[0])}; "
-                             f"every layer of a module keeps at least one kernel")
-        masks[layer.name] = m
-    try:
-        masks_lib.validate(masks, spec, (model.num_classes,))
-    except masks_lib.MaskError as e:
-        raise PatchError(f"{path}: {e}") from e
-    if params is not None:
-        check_masks_model(path, params, model.num_classes)
-    return masks
-
-
-def check_masks_model(path: Path, params: Any, num_classes: int) -> None:
-    """Refuse module masks whose ``summary.json`` records another model than ``params``."""
-    summary_path = Path(path).parent / "summary.json"
-    cmd = f"jaxsplit modularize --run {Path(path).parent.parent}"
+        if (path.parent / "masks.npz").is_file():
+            raise ModulesNotFoundError(
+                f"no modules file at {str(path)!r} (an older jaxsplit wrote only masks.npz); write "
+                f"it from the search's checkpoints with `{cmd} --resume`, or search again with "
+                f"`{cmd} --restart`")
+        raise ModulesNotFoundError(f"no modules file at {str(path)!r}; run the modularization first "
+                                   f"(`{cmd}`)")
     if not summary_path.is_file():
         raise PatchError(f"{summary_path} is missing, so the search that wrote {path} did not "
                          f"finish; finish it with `{cmd} --resume`")
+    graph = modz.trace_graph(apply_fn, variables, example_x)
     try:
-        summary = json.loads(summary_path.read_text())
-        source = summary.get("source_model")
-    except (OSError, ValueError, AttributeError) as e:
-        raise PatchError(f"{summary_path} is unreadable ({type(e).__name__}); make it again "
-                         f"with `{cmd} --resume`") from e
-    if not isinstance(source, dict) or "params_sha256" not in source:
-        raise PatchError(f"{summary_path} does not record the model its modules come from (an "
-                         f"older jaxsplit wrote it); search again with `{cmd} --restart`")
-    digest = checkpoint.params_digest(params)
-    if source["params_sha256"] != digest:
+        modules = modz.Modules.load(path, graph, apply_fn=apply_fn, variables=variables,
+                                    check_params=False)
+    except modz.ModulesFileError as e:
+        raise PatchError(f"{e}; make it again for the run's model with `{cmd} --restart`") from e
+    except (KeyError, TypeError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise PatchError(f"{str(path)!r} is not a readable modules file ({type(e).__name__}: {e}); "
+                         f"make it again with `{cmd} --restart`") from e
+    recorded = modules.info.get("params_sha256") if isinstance(modules.info, dict) else None
+    if not recorded:
+        raise PatchError(f"{str(path)!r} does not record the weights its modules come from; search "
+                         f"again with `{cmd} --restart`")
+    digest = modz.variables_digest(variables)
+    if recorded != digest:
         raise PatchError(
-            f"the modules in {path} were searched on another model (params digest "
-            f"{source['params_sha256'][:12]}) than the run's checkpoint now holds ({digest[:12]}): "
-            f"the model was retrained after modularize; search again with `{cmd} --restart`")
-    if len(source.get("class_ids", ())) != num_classes:
-        raise PatchError(f"{summary_path} records classes {source.get('class_ids')}, but the model "
-                         f"has {num_classes}; search again with `{cmd} --restart`")
+            f"the modules in {str(path)!r} were searched on other weights (params SHA-256 "
+            f"{recorded[:12]}) than the run's checkpoint now holds ({digest[:12]}): the model was "
+            f"retrained after modularize; search again with `{cmd} --restart`")
+    num_outputs = int(graph.num_outputs)
+    if modules.classes.tolist() != list(range(num_outputs)):
+        raise PatchError(f"{str(path)!r} holds modules of classes {modules.classes.tolist()}, but the "
+                         f"model has {num_outputs} outputs (classes 0..{num_outputs - 1}); search "
+                         f"again with `{cmd} --restart`")
+    try:
+        masks_lib.validate(modules.masks, graph, (num_outputs,), check_values=False)
+    except masks_lib.MaskError as e:
+        raise PatchError(f"{str(path)!r}: {e}; make it again with `{cmd} --restart`") from e
+    check_extractable(modules, target_classes, run_dir)
+    return modules
 
 
-def _module_stats(model: Any, params: Any, mask: dict[str, np.ndarray]) -> dict:
-    """Kept kernels / params / MACs of a module as fractions of the model."""
-    from jaxsplit import extract
+def check_extractable(modules: Any, classes: Sequence[int], run_dir: str | Path) -> None:
+    """Refuse (`PatchError`, naming the file, class and site) a module of ``classes`` that
+    keeps no kernel at some site, or whose tied sites differ: it cannot be extracted."""
+    from jaxsplit import masks as masks_lib
 
-    stats = extract.module_stats(model, params, mask)
+    path = Path(run_dir) / "modularize" / MODULES_FILE
+    cmd = f"jaxsplit modularize --run {Path(run_dir)}"
+    for c in classes:
+        mask = modules.mask(int(c))
+        empty = [n for n in modules.graph.names if not np.asarray(mask[n]).any()]
+        if empty:
+            raise PatchError(
+                f"{str(path)!r}: the module of class {int(c)} keeps no kernel at site {empty[0]!r}; "
+                f"a module must keep at least one kernel at every site to be extracted (search "
+                f"again with `{cmd} --restart`)")
+        try:
+            masks_lib.validate(mask, modules.graph, ())
+        except masks_lib.MaskError as e:
+            raise PatchError(f"{str(path)!r}: the module of class {int(c)}: {e}; make it again "
+                             f"with `{cmd} --restart`") from e
+
+
+def _json_stats(stats: dict) -> dict:
     return {k: (float(v) if isinstance(v, (float, np.floating)) else int(v) if isinstance(v, (int, np.integer)) else v)
             for k, v in dict(stats).items() if _is_json_scalar(v)}
 
@@ -1252,27 +1278,41 @@ def _is_json_scalar(v: Any) -> bool:
     return isinstance(v, (bool, int, float, str, np.integer, np.floating)) or v is None
 
 
-def tc_module(model: Any, params: Any, masks: dict[str, np.ndarray], local_tc: int) -> tuple[Any, Any, dict]:
-    """The physically extracted module of class ``local_tc`` and its size.
-
-    Returns:
-      ``(small_model, small_params, stats)``; ``small_model`` applied to images gives the
-      module's logits, whose ``local_tc`` column (or only column) is the TC score.
-    """
+def module_size(graph: Any, mask: dict[str, np.ndarray], local_tc: int) -> dict:
+    """Kept kernels / params / MACs of a module and their fractions of the strong model
+    (`jaxsplit.extract.module_stats`: with the whole classifier, so an all-ones mask is 1.0),
+    plus ``single_output_params`` / ``single_output_macs`` (and fractions): the one-output
+    module patching runs."""
     from jaxsplit import extract
 
-    mask = {k: v[local_tc] for k, v in masks.items()}
-    small_model, small_params = extract.extract(model, params, mask, target_class=local_tc)
-    return small_model, small_params, _module_stats(model, params, mask)
+    stats = _json_stats(extract.module_stats(graph, mask))
+    single = extract.module_stats(graph, mask, target_class=int(local_tc))
+    stats.update(single_output_params=int(single["params"]), single_output_macs=int(single["macs"]),
+                 single_output_params_fraction=float(single["params_fraction"]),
+                 single_output_macs_fraction=float(single["macs_fraction"]))
+    return stats
 
 
-def _column_predict(model: Any, params: Any, column: int, batch_size: int) -> PredictFn:
-    """Host predictor of one logit column (the only one when the model has a single output)."""
-    def predict(images: np.ndarray) -> np.ndarray:
-        logits = jtrain.predict_logits(model, params, images, batch_size)
-        return logits[:, 0] if logits.shape[1] == 1 else logits[:, column]
+def tc_module(modules: Any, local_tc: int) -> tuple[Callable, Any, dict]:
+    """The physically extracted module of the strong model's class ``local_tc`` and its size.
 
-    return predict
+    Returns:
+      ``(module_apply, module_variables, stats)``: ``module_apply(module_variables, x)`` ->
+      ``(N,)``, the module's TC score (`jaxsplit.modularize.Modules.extract`); ``stats`` from
+      `module_size`.
+    """
+    module_apply, module_variables = modules.extract(int(local_tc))
+    return module_apply, module_variables, module_size(modules.graph, modules.mask(int(local_tc)), local_tc)
+
+
+def apply_predict(apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
+                  batch_size: int) -> PredictFn:
+    """Host predictor of ``apply_fn(variables, images)``: jitted once with the variables as an
+    argument (not baked into the program), run in fixed-size zero-padded batches."""
+    _check_count(batch_size, "batch_size")
+    fn = jax.jit(apply_fn)
+    dev_vars = jax.tree_util.tree_map(jnp.asarray, variables)
+    return _padded_batches(lambda x: fn(dev_vars, x), int(batch_size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1387,7 +1427,8 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
               verbose: bool = True) -> dict:
     """Patches weak models with the run's modules and measures it (``jaxsplit patch --run``).
 
-    Loads the run's strong model (``checkpoint/``) and module masks (``modularize/masks.npz``);
+    Loads the run's strong model (``checkpoint/``) and modules (``modularize/modules.npz``,
+    `load_modules`);
     for each target class builds the weak task, trains the weak model (cached in
     ``patch/weak_tc{TC}/``, reused when its config is unchanged), patches it with the extracted
     TC module under every calibration of ``cfg.patch.calibrations`` and with the whole strong
@@ -1412,23 +1453,29 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
     t_start = time.perf_counter()
     run_dir = Path(run_dir)
     pcfg = cfg.patch
-    model, params, strong_cfg, strong_metrics = checkpoint.load_model(run_dir)
-    masks = load_masks(run_dir / "modularize" / "masks.npz", model, params=params)
+    loaded = checkpoint.load_model(run_dir)
+    model, strong_cfg, strong_metrics = loaded.model, loaded.cfg, loaded.metrics
+    apply_fn, variables = loaded.apply_fn, loaded.variables
+    num_strong = int(jax.eval_shape(apply_fn, variables, model.dummy_input(1)).shape[-1])
+    modules = load_modules(run_dir, apply_fn, variables, model.dummy_input(1))
     data_cfg = strong_cfg.data
     if cfg.data.data_dir is not None:
         data_cfg = dataclasses.replace(data_cfg, data_dir=cfg.data.data_dir)
     target_classes = tuple(pcfg.target_classes or pcfg.strong_classes)
     local = {tc: _strong_local_class(data_cfg, tc) for tc in target_classes}
     for tc, lc in local.items():
-        if not 0 <= lc < model.num_classes:
+        if not 0 <= lc < num_strong:
             raise PatchError(f"target class {tc} is class {lc} of the strong model, which has only "
-                             f"{model.num_classes} classes")
+                             f"{num_strong} classes")
+    check_extractable(modules, sorted(set(local.values())), run_dir)
+    modules_entry = {"searcher": _searcher(modules),
+                     "file": str(Path("modularize") / MODULES_FILE),
+                     "params_sha256": modules.info.get("params_sha256")}
     make_task, strong_valid, _ = _load_tasks(pcfg, data_cfg)
     out_dir = run_dir / "patch"
     out_dir.mkdir(parents=True, exist_ok=True)
     batch_size = cfg.train.eval_batch_size
     calibrations = list(pcfg.calibrations)
-    whole_predict = {}
     per_tc: dict[str, dict] = {}
     for i, tc in enumerate(target_classes):
         lc = local[tc]
@@ -1448,9 +1495,9 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
             log.info(f"  {'reused the cached' if reused else 'trained the'} weak model "
                   f"(test accuracy {weak_metrics.get('test_accuracy', float('nan')):.4f}); "
                   f"evaluating the patches of {label}")
-        small_model, small_params, stats = tc_module(model, params, masks, lc)
-        module_predict = _column_predict(small_model, small_params, lc, batch_size)
-        whole_predict = _column_predict(model, params, lc, batch_size)
+        module_apply, module_variables, stats = tc_module(modules, lc)
+        module_predict = apply_predict(module_apply, module_variables, batch_size)
+        whole_predict = apply_predict(lambda v, x, c=lc: apply_fn(v, x)[:, c], variables, batch_size)
 
         def patch_one(w_model: Any, w_params: Any, baseline: bool = True) -> dict:
             weak_predict = functools.partial(jtrain.predict_logits, w_model, w_params, batch_size=batch_size)
@@ -1485,11 +1532,12 @@ def run_patch(run_dir: str | Path, cfg: Any, *, progress: bool = True, plots: bo
         "task": pcfg.task,
         "run": run_dir.name,
         "dataset": data_cfg.name,
-        "protocol": _protocol(pcfg, data_cfg, model.num_classes),
+        "protocol": _protocol(pcfg, data_cfg, num_strong),
         "strong_model": {"family": strong_cfg.model.name, "width": strong_cfg.model.width,
-                         "num_classes": model.num_classes,
+                         "num_classes": num_strong,
                          "trained_classes": list(data_cfg.classes) if data_cfg.classes is not None else None,
                          "test_accuracy": strong_metrics.get("test_accuracy")},
+        "modules": modules_entry,
         "weak_model": {"name": pcfg.weak_model, "width": pcfg.weak_width, "epochs": pcfg.weak_epochs,
                        "optimizer": pcfg.weak_optimizer, "learning_rate": pcfg.weak_learning_rate,
                        "tc_train_images": pcfg.tc_train_images,

@@ -327,6 +327,13 @@ def _patch_section(run_dir: Path) -> list[str]:
     primary = res.get("primary_calibration")
     names = _tc_names(res, run_dir)
     lines += [f"Task: **{res.get('task', '?')}**. {res.get('protocol', '')}", ""]
+    modules = res.get("modules")
+    if isinstance(modules, Mapping):
+        searcher = {"ga": "the genetic search", "gradient": "the gradient searcher"}.get(
+            str(modules.get("searcher")), _fmt(modules.get("searcher")))
+        made = (f"Modules: `{_fmt(modules.get('file', 'modularize/modules.npz'))}`, made by {searcher} "
+                f"(searcher `{_fmt(modules.get('searcher'))}`).")
+        lines += [made, ""]
     weak = res.get("weak_model")
     if isinstance(weak, Mapping):
         lines += ["Weak model: " + ", ".join(f"{k}={_fmt(v)}" for k, v in weak.items() if _is_scalar(v)), ""]

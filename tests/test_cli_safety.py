@@ -299,12 +299,13 @@ def test_user_input_failures_are_one_message(tmp_path, tiny_config, searched):
                        "--set", "data.source=npz", "--set", f"data.name={bad}",
                        "--set", "data.classes=null")
     assert_one_error(res, "train", "bad_train.npz", "integer dtype")
-    # a truncated masks file
+    # a truncated modules file
     run = copy_run(searched, tmp_path / "run")
-    masks = run / "modularize" / "masks.npz"
-    masks.write_bytes(masks.read_bytes()[:100])
+    modules = run / "modularize" / "modules.npz"
+    modules.write_bytes(modules.read_bytes()[:100])
     res = jaxsplit_cli("patch", "--run", str(run), "--no-progress")
-    assert_one_error(res, "patch", str(masks), "not a readable masks file")
+    assert_one_error(res, "patch", str(modules), "not a readable modules file",
+                     f"jaxsplit modularize --run {run} --restart")
 
 
 def test_an_internal_bug_shows_its_traceback(trained, monkeypatch):
@@ -318,52 +319,53 @@ def test_an_internal_bug_shows_its_traceback(trained, monkeypatch):
         cli.main(["report", "--run", str(trained)])
 
 
-# -- 8. mask validation --------------------------------------------------------------------------
+# -- 8. module validation ------------------------------------------------------------------------
 
 
-def _edit_masks(path: Path, edit) -> None:
+def _edit_modules(path: Path, edit) -> None:
+    """Edits the mask arrays of a modules file in place (its header kept as written)."""
     with np.load(path) as f:
-        masks = {k: f[k] for k in f.files}
-    edit(masks)
-    np.savez(path, **masks)
+        arrays = {k: f[k] for k in f.files}
+    edit(arrays)
+    np.savez(path, **arrays)
+
+
+def _strong(run: Path):
+    loaded = ckpt.load_model(run)
+    return loaded.apply_fn, loaded.variables, loaded.model.dummy_input(1)
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda m: m.update(conv_0=np.where(m["conv_0"], 1.0, 0.3)), "dtype float64"),
-    (lambda m: m.update(conv_0=np.where(m["conv_0"], 1.0, np.nan)), "dtype float64"),
-    (lambda m: m.update(conv_0=np.where(m["conv_0"], 1, -1)), "values [-1]"),
-    (lambda m: m.update(conv_0=m["conv_0"][:, :-1]), "has shape"),
-    (lambda m: m.pop("conv_1"), "do not match the model's conv layers"),
-    (lambda m: m["conv_1"].__setitem__((2, slice(None)), False), "keeps no kernel for class 2"),
+    (lambda m: m.update({"mask/conv_0": m["mask/conv_0"][:, :-1]}), "has shape"),
+    (lambda m: m.pop("mask/conv_1"), "conv_1"),
+    (lambda m: m["mask/conv_1"].__setitem__((2, slice(None)), False),
+     "the module of class 2 keeps no kernel at site 'conv_1'"),
 ])
-def test_hand_edited_masks_are_refused(searched, tmp_path, edit, needle):
+def test_hand_edited_modules_are_refused(searched, tmp_path, edit, needle):
     run = copy_run(searched, tmp_path / "run")
-    path = run / "modularize" / "masks.npz"
-    _edit_masks(path, edit)
-    model, params, _, _ = ckpt.load_model(run)
-    with pytest.raises(patch.PatchError, match="masks.npz") as e:
-        patch.load_masks(path, model, params=params)
-    assert needle in str(e.value)
+    path = run / "modularize" / "modules.npz"
+    _edit_modules(path, edit)
+    with pytest.raises(patch.PatchError, match="modules.npz") as e:
+        patch.load_modules(run, *_strong(run), target_classes=[2])
+    assert needle in str(e.value) and f"jaxsplit modularize --run {run} --restart" in str(e.value)
 
 
-def test_patch_refuses_a_fractional_mask_before_training(searched, tmp_path):
+def test_patch_refuses_a_module_with_an_empty_site_before_training(searched, tmp_path):
     run = copy_run(searched, tmp_path / "run")
-    _edit_masks(run / "modularize" / "masks.npz",
-                lambda m: m.update(conv_0=np.where(m["conv_0"], 1.0, 0.3)))
-    res = jaxsplit_cli("patch", "--run", str(run), "--no-progress")
-    assert_one_error(res, "patch", "masks.npz", "expected bool")
-    assert not (run / "patch" / "weak_tc0").exists()
+    _edit_modules(run / "modularize" / "modules.npz",
+                  lambda m: m["mask/conv_0"].__setitem__((1, slice(None)), False))
+    sets = ["patch.strong_classes=[0,1,2,3]", "patch.weak_classes=[4,5,6,7]", "patch.target_classes=[1]"]
+    res = jaxsplit_cli("patch", "--run", str(run), "--no-progress", *[a for s in sets for a in ("--set", s)])
+    assert_one_error(res, "patch", "modules.npz", "class 1 keeps no kernel at site 'conv_0'")
+    assert not (run / "patch" / "weak_tc1").exists()
 
 
-def test_exact_integer_masks_are_accepted(searched, tmp_path):
+def test_modules_of_other_classes_may_keep_no_kernel(searched, tmp_path):
     run = copy_run(searched, tmp_path / "run")
-    path = run / "modularize" / "masks.npz"
-    with np.load(path) as f:
-        want = {k: f[k] for k in f.files}
-    _edit_masks(path, lambda m: m.update({k: v.astype(np.int8) for k, v in m.items()}))
-    model, params, _, _ = ckpt.load_model(run)
-    got = patch.load_masks(path, model, params=params)
-    assert all(got[k].dtype == bool and np.array_equal(got[k], want[k]) for k in want)
+    _edit_modules(run / "modularize" / "modules.npz",
+                  lambda m: m["mask/conv_0"].__setitem__((3, slice(None)), False))
+    modules = patch.load_modules(run, *_strong(run), target_classes=[0, 1])
+    assert modules.classes.tolist() == [0, 1, 2, 3] and not modules.mask(3)["conv_0"].any()
 
 
 # -- 9. modules of a retrained model --------------------------------------------------------------

@@ -261,7 +261,8 @@ def _e2e_config(**patch_overrides):
     p = {"strong_classes": [0, 1, 2, 3, 4], "weak_classes": [5, 6, 7, 8, 9], "target_classes": [1, 3],
          "tc_train_images": 10, "weak_model": "weak_cnn", "weak_width": 0.25, "weak_epochs": 2,
          "weak_learning_rate": 0.003, "calibrations": ["min_max", "platt"], "poor_fit": True,
-         "underfit_epochs": 1, "overfit_epochs": 2, "poor_fit_images_per_class": 30}
+         "underfit_epochs": 1, "overfit_epochs": 2, "poor_fit_images_per_class": 30,
+         "valid_folds": 3}
     p.update(patch_overrides)
     return config.from_dict(config.Config, {
         "name": "tiny",
@@ -275,19 +276,33 @@ def _e2e_config(**patch_overrides):
     })
 
 
-def _train_with_whole_modules(cfg, run):
-    """Trains `cfg` into `run` and writes all-ones modules with the summary that names the model."""
+def _write_whole_modules(run, **info):
+    """Writes all-ones modules (each the whole model) of the run's model into
+    ``modularize/modules.npz`` with a finished search's ``summary.json``; returns the Modules."""
     from jaxsplit import checkpoint
     from jaxsplit import masks as masks_lib
-    from jaxsplit import train as jtrain
+    from jaxsplit import modularize as modz
 
-    strong = jtrain.train_and_evaluate(cfg, run, progress=False)
-    full = masks_lib.full(strong.model.conv_spec(), (strong.model.num_classes,))
-    (run / "modularize").mkdir()
-    np.savez(run / "modularize" / "masks.npz", **{k: np.asarray(v) for k, v in full.items()})
+    loaded = checkpoint.load_model(run)
+    apply_fn, variables = loaded.apply_fn, loaded.variables
+    graph = modz.trace_graph(apply_fn, variables, loaded.model.dummy_input(1))
+    c = graph.num_outputs
+    modules = modz.Modules(
+        masks={k: np.asarray(v) for k, v in masks_lib.full(graph, (c,)).items()},
+        classes=np.arange(c, dtype=np.int32), class_names=tuple(str(i) for i in range(c)),
+        stats=tuple({"class": i} for i in range(c)), history=(), graph=graph,
+        info={"params_sha256": modz.variables_digest(variables), **info})
+    modules.save(run / "modularize" / "modules.npz")
     (run / "modularize" / "summary.json").write_text(json.dumps({"source_model": {
-        "params_sha256": checkpoint.params_digest(strong.params), "class_ids": list(range(5))}}))
-    return strong
+        "params_sha256": checkpoint.params_digest(loaded.params), "class_ids": list(range(c))}}))
+    return modules
+
+
+def _run_with_whole_modules(cfg, run, **info):
+    """A run of `cfg` with a random strong model (patching needs no trained one) and all-ones
+    modules with a finished search's summary."""
+    _save_untrained(run, cfg)
+    return _write_whole_modules(run, **info)
 
 
 def test_run_patch_end_to_end_on_synthetic(tmp_path):
@@ -296,7 +311,7 @@ def test_run_patch_end_to_end_on_synthetic(tmp_path):
     cfg = _e2e_config()
     run = tmp_path / "tiny"
     # all-ones masks: each module is the whole model, so patching with it equals the baseline
-    _train_with_whole_modules(cfg, run)
+    _run_with_whole_modules(cfg, run)
 
     res = patch.run_patch(run, cfg, progress=False, verbose=False)
     assert res["target_classes"] == [1, 3] and res["primary_calibration"] == "min_max"
@@ -338,16 +353,156 @@ def test_run_patch_end_to_end_on_synthetic(tmp_path):
     assert "## Patching" in text and "Per target class" in text
 
 
-def test_run_patch_needs_masks(tmp_path):
-    from jaxsplit import checkpoint
-    from jaxsplit.models import init_params, weak_cnn
+def _random_variables(model, seed):
+    """Random variables of `model`'s shapes, drawn with NumPy (initialising a ResNet eagerly
+    takes seconds): kernels ~ N(0, 1/fan_in), biases small, BatchNorm scales near 1 and
+    running averages away from their initial 0 / 1, so they matter."""
+    from jaxsplit.models import init_variables
 
+    shapes = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, sds):
+        name, shape = path[-1].key, sds.shape
+        if name == "kernel":
+            return rng.normal(0, 1 / np.sqrt(np.prod(shape[:-1])), shape)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 2.0, shape)
+        return 0.2 * rng.normal(size=shape)  # bias, running mean
+
+    return jax.tree_util.tree_map_with_path(lambda p, s: jnp.asarray(draw(p, s), s.dtype), shapes)
+
+
+def _save_untrained(run, cfg, seed=0, width=None):
+    """Saves a random strong model of `cfg` (5 classes, 32x32x1) as the run's checkpoint."""
+    from jaxsplit import checkpoint, pipeline
+    from jaxsplit.models import has_state
+
+    model_cfg = cfg.model if width is None else dataclasses.replace(cfg.model, width=width)
+    model = pipeline.build_model(model_cfg, 5, 1, 32)
+    variables = _random_variables(model, seed)
+    params = variables if has_state(model) else variables["params"]
+    checkpoint.save_model(run, params, dataclasses.replace(cfg, model=model_cfg), {}, model=model,
+                          overwrite=True)
+    return model, variables
+
+
+def test_run_patch_needs_modules(tmp_path):
     cfg = _e2e_config()
-    model = weak_cnn(num_classes=5, in_channels=1, width=0.25, image_size=32)
-    run = tmp_path / "nomasks"
-    checkpoint.save_model(run, init_params(model, jax.random.key(0)), cfg, {}, model=model)
-    with pytest.raises(FileNotFoundError, match="jaxsplit modularize"):
+    run = tmp_path / "nomodules"
+    _save_untrained(run, cfg)
+    path = run / "modularize" / "modules.npz"
+    with pytest.raises(FileNotFoundError) as e:
         patch.run_patch(run, cfg, progress=False, verbose=False)
+    assert str(path) in str(e.value) and f"(`jaxsplit modularize --run {run}`)" in str(e.value)
+    # a run an older jaxsplit modularized (masks.npz only): --resume writes the modules file
+    path.parent.mkdir()
+    np.savez(path.parent / "masks.npz", conv_0=np.ones((5, 4), bool))
+    with pytest.raises(patch.PatchError, match="only masks.npz") as e:
+        patch.run_patch(run, cfg, progress=False, verbose=False)
+    assert f"`jaxsplit modularize --run {run} --resume`" in str(e.value)
+    assert not (run / "patch").exists()
+
+
+def test_run_patch_refuses_modules_of_another_model_or_weights(tmp_path):
+    cfg = _e2e_config()
+    run = tmp_path / "run"
+    path = run / "modularize" / "modules.npz"
+    restart = f"`jaxsplit modularize --run {run} --restart`"
+    _save_untrained(run, cfg)
+    _write_whole_modules(run)
+    # the search did not finish: no summary.json
+    (run / "modularize" / "summary.json").unlink()
+    with pytest.raises(patch.PatchError, match="did not finish") as e:
+        patch.run_patch(run, cfg, progress=False, verbose=False)
+    assert f"`jaxsplit modularize --run {run} --resume`" in str(e.value)
+    _write_whole_modules(run)
+    # another model (other widths: another kernel graph)
+    _save_untrained(run, cfg, width=0.5)
+    with pytest.raises(patch.PatchError, match="another model") as e:
+        patch.run_patch(run, cfg, progress=False, verbose=False)
+    assert str(path) in str(e.value) and "graph fingerprint" in str(e.value) and restart in str(e.value)
+    # the same architecture with other weights (retrained after modularize)
+    _save_untrained(run, cfg, seed=0)
+    patch.load_modules(run, *_strong(run))  # the weights the modules were made from: accepted
+    _save_untrained(run, cfg, seed=5)
+    with pytest.raises(patch.PatchError, match="other weights") as e:
+        patch.run_patch(run, cfg, progress=False, verbose=False)
+    assert str(path) in str(e.value) and "retrained" in str(e.value) and restart in str(e.value)
+    assert not (run / "patch").exists()
+
+
+def _strong(run):
+    from jaxsplit import checkpoint
+
+    loaded = checkpoint.load_model(run)
+    return loaded.apply_fn, loaded.variables, loaded.model.dummy_input(1)
+
+
+def _zoo_config(**patch_overrides):
+    cfg = _e2e_config(**{"target_classes": [1], "poor_fit": False, "calibrations": ["min_max"],
+                         "weak_epochs": 1, "decision_methods": ["min_max", "logistic"],
+                         "valid_folds": 2, **patch_overrides})
+    from jaxsplit import config
+
+    return dataclasses.replace(cfg, model=config.ModelConfig(name="resnet20", width=0.25))
+
+
+def _write_random_modules(run, keep_prob=0.5, **info):
+    """Modules keeping each kernel with probability `keep_prob` (every site keeps one)."""
+    from jaxsplit import masks as masks_lib
+    from jaxsplit import modularize as modz
+
+    whole = _write_whole_modules(run, **info)
+    c = whole.num_classes
+    masks = {k: np.asarray(v) for k, v in masks_lib.random(jax.random.key(3), whole.graph, keep_prob, (c,)).items()}
+    modules = dataclasses.replace(whole, masks=masks)
+    modules.save(run / "modularize" / "modules.npz")
+    return modz.Modules.load(run / "modularize" / "modules.npz", whole.graph)
+
+
+def test_tc_module_of_a_batchnorm_zoo_model_is_its_masked_tc_logit(tmp_path):
+    run = tmp_path / "zoo"
+    model, variables = _save_untrained(run, _zoo_config())
+    _write_random_modules(run)
+    apply_fn, variables, x1 = _strong(run)
+    modules = patch.load_modules(run, apply_fn, variables, x1, target_classes=[3])
+    assert "stage1/block0/conv1" in modules.graph.names and "batch_stats" in variables
+    x = np.random.default_rng(0).normal(size=(6, 32, 32, 1)).astype(np.float32)
+    module_apply, module_vars, stats = patch.tc_module(modules, 3)
+    got = patch.apply_predict(module_apply, module_vars, 4)(x)
+    assert got.shape == (6,)
+    np.testing.assert_allclose(got, np.asarray(modules.apply(3)(x)), rtol=1e-4, atol=1e-4)
+    assert 0 < stats["kept_fraction"] < 1 and 0 < stats["macs_fraction"] < 1
+    assert stats["single_output_params"] < stats["params"] < stats["model_params"]
+    # the whole-model predictor runs with the running averages, not init statistics
+    whole = patch.apply_predict(lambda v, xb: apply_fn(v, xb)[:, 3], variables, 4)(x)
+    np.testing.assert_allclose(whole, np.asarray(model.apply(variables, x, train=False))[:, 3], rtol=1e-5,
+                               atol=1e-5)
+    fresh = {**variables, "batch_stats": jax.tree_util.tree_map(
+        lambda v: jnp.zeros_like(v), variables["batch_stats"])}
+    assert not np.allclose(whole, np.asarray(model.apply(fresh, x, train=False))[:, 3], atol=1e-3)
+
+
+def test_run_patch_on_a_batchnorm_zoo_model(tmp_path):
+    from jaxsplit import report
+
+    cfg = _zoo_config()
+    run = tmp_path / "zoo"
+    _save_untrained(run, cfg)
+    _write_random_modules(run, method="gradient")
+    res = patch.run_patch(run, cfg, progress=False, verbose=False, plots=False)
+    assert res["strong_model"]["family"] == "resnet20" and res["strong_model"]["num_classes"] == 5
+    assert res["modules"] == {"searcher": "gradient", "file": "modularize/modules.npz",
+                              "params_sha256": res["modules"]["params_sha256"]}
+    r = res["per_tc"]["1"]
+    assert r["strong_class"] == 3  # data.classes [4, 3, 2, 1, 0]
+    assert 0 < r["module"]["macs_fraction"] < 1
+    assert r["before"]["num_examples"] == 120 and r["before"]["num_tc"] == 20
+    assert set(r["module_patch"]) == set(r["whole_model_patch"]) == {"min_max"}
+    assert r["decision"]["test"]
+    text = report.write_report(run).read_text()
+    assert "## Patching" in text and "gradient" in text
 
 
 # -- valid-fitted patches, the validation gate, the summary ---------------------------------------
@@ -462,7 +617,7 @@ def test_run_patch_choices_ignore_poisoned_test_labels(tmp_path, monkeypatch):
 
     cfg = _e2e_config(poor_fit=False, calibrations=["min_max"])
     run = tmp_path / "tiny"
-    _train_with_whole_modules(cfg, run)
+    _run_with_whole_modules(cfg, run)
     ref = patch.run_patch(run, cfg, progress=False, verbose=False, plots=False)
     assert set(ref["summary"]) >= {"method", "per_tc", "average", "num_improved_both", "num_worse"}
     assert ref["summary"]["method"] == cfg.patch.method

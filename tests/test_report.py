@@ -56,6 +56,7 @@ def _fake_run(tmp_path):
         "calibrations": ["min_max", "platt"], "target_classes": [0, 1],
         "weak_model": {"name": "weak_cnn", "width": 0.5, "epochs": 2},
         "dataset": "fashion_mnist",
+        "modules": {"searcher": "gradient", "file": "modularize/modules.npz"},
         "per_tc": {str(tc): {"before": before, "module_patch": {"min_max": a, "platt": a},
                              "whole_model_patch": {"min_max": whole, "platt": whole},
                              "module": {"macs_fraction": 0.4567, "params_fraction": 0.5}}
@@ -88,6 +89,7 @@ def test_report_contains_every_stage(tmp_path):
     assert "| Shirt | 61.11 | 90.00 |" in text  # per-TC rows by class name
     assert "PASSED" in text and "+21.11" in text
     assert "45.67" in text  # module MACs %
+    assert "Modules: `modularize/modules.npz`, made by the gradient searcher" in text
     assert "![patch_tc_bars](patch/patch_tc_bars.png)" in text
     assert "Not run yet" not in text
 
