@@ -292,9 +292,14 @@ def _pad_ylim(ax, values) -> None:
 def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """Writes the patching plots of a `jaxsplit.patch.run_patch` results dict into ``out_dir``.
 
+    * ``patch_final.png`` (when the results have a ``summary``): what a user gets, the default
+      method behind the validation gate: per target class the change (final minus weak, in
+      points, test split) of TC precision, recall, F1 and non-TC accuracy, with accepted patches
+      and rejected ones (the weak model kept: zero change) told apart;
     * ``patch_tc_bars.png``: per target class, the change (patched minus weak, in points) of TC
       precision, TC recall and non-TC accuracy, patched with the module and with the whole strong
-      model (primary calibration), and the weak model's values for scale;
+      model (primary calibration, *ungated*: the reference protocol), and the weak model's values
+      for scale;
     * ``patch_calibrations.png``: the mean change over target classes per calibration method;
     * ``patch_module_size.png``: each target class's module MACs / parameters / kernels as % of
       the strong model.
@@ -309,6 +314,8 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
     primary = results["primary_calibration"]
     x = np.arange(len(tcs))
     written = []
+    if "summary" in results:
+        written.append(plot_patch_final(results["summary"], out_dir / "patch_final.png"))
 
     def delta(r, kind, cal, key):
         after = r.get(kind, {}).get(cal, {}).get(key)
@@ -348,7 +355,7 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
     handles, labels = axes[0, 0].get_legend_handles_labels()
     h2, l2 = axes[1, 0].get_legend_handles_labels()
     fig.legend(handles + h2[:1], labels + l2[:1], loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"Patching per target class (test split, calibration {primary})", fontsize=12)
+    fig.suptitle(f"Patching per target class, ungated (test split, calibration {primary})", fontsize=12)
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     written.append(_save(fig, out_dir / "patch_tc_bars.png", dpi=100))
 
@@ -374,7 +381,8 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
-    fig.suptitle(f"Patching, mean over {len(tcs)} target classes: change by calibration method", fontsize=12)
+    fig.suptitle(f"Patching, mean over {len(tcs)} target classes: change by calibration method (ungated)",
+                 fontsize=12)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     written.append(_save(fig, out_dir / "patch_calibrations.png", dpi=100))
 
@@ -395,3 +403,43 @@ def plot_patch_results(results: Mapping[str, Any], out_dir: str | Path) -> list[
     fig.tight_layout()
     written.append(_save(fig, out_dir / "patch_module_size.png", dpi=100))
     return written
+
+
+def plot_patch_final(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Per target class, final (gated) minus weak on the test split, in points.
+
+    Args:
+      summary: `jaxsplit.patch.decision_summary` (``results["summary"]``): rows with
+        ``class_name``, ``accepted``, ``delta_test``.
+      path: the PNG to write.
+
+    Returns:
+      The written path.
+    """
+    rows = list(summary["per_tc"])
+    if not rows:
+        raise ValueError("the patch summary has no target class to plot")
+    x = np.arange(len(rows))
+    fig = _figure(max(8, 1.6 * len(rows) + 3), 4.2)
+    ax = fig.subplots()
+    width = 0.8 / len(_METRICS)
+    colors = ("#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e")
+    for j, ((key, label), color) in enumerate(zip(_METRICS, colors)):
+        vals = np.asarray([100 * _num(r["delta_test"].get(key)) for r in rows])
+        ax.bar(x + (j - (len(_METRICS) - 1) / 2) * width, vals, width, label=label, color=color)
+    ax.axhline(0, color="black", lw=0.8)
+    labels = [f"{r.get('class_name', r.get('target_class'))}\n"
+              f"{'accepted' if r['accepted'] else 'rejected: weak kept'}" for r in rows]
+    ax.set_xticks(x, labels, fontsize=8)
+    for tick, r in zip(ax.get_xticklabels(), rows):
+        tick.set_color("black" if r["accepted"] else "#9e9e9e")
+    ax.set_ylabel("final − weak (points, test)")
+    delta = summary["average"]["delta_test"]
+    ax.set_title(f"Patching as shipped: method {summary.get('method')} behind the validation gate; "
+                 f"{summary['num_accepted']}/{summary['num_tcs']} accepted; mean ΔF1 "
+                 f"{100 * _num(delta.get('tc_f1')):+.2f}, Δnon-TC {100 * _num(delta.get('non_tc_accuracy')):+.2f}",
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return _save(fig, Path(path), dpi=100)

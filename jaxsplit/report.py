@@ -166,7 +166,9 @@ def _read_json(path: Path) -> tuple[Any, str | None]:
 def _images(folder: Path, run_dir: Path) -> list[str]:
     if not folder.is_dir():
         return []
-    return [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" + "\n" for p in sorted(folder.glob("*.png"))]
+    # the result as shipped (patch_final.png: the gated default method) before the comparisons
+    pngs = sorted(folder.glob("*.png"), key=lambda p: (p.stem != "patch_final", p.name))
+    return [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" + "\n" for p in pngs]
 
 
 def _missing(what: str, path: str, command: str) -> list[str]:

@@ -72,6 +72,20 @@ def test_patch_plots_and_class_names(tmp_path):
     assert plots.target_class_labels(unknown) == ["class_0", "class_6"]
 
 
+def test_patch_final_plot_is_written_when_there_is_a_gated_summary(tmp_path):
+    before, final = _m(0.86, 0.85, 0.90), _m(0.88, 0.87, 0.905)
+    delta = {k: final[k] - before[k] for k in before}
+    zero = {k: 0.0 for k in before}
+    rows = [{"target_class": 0, "class_name": "T-shirt/top", "accepted": True, "delta_test": delta},
+            {"target_class": 6, "class_name": "Shirt", "accepted": False, "delta_test": zero}]
+    summary = {"method": "min_max", "per_tc": rows, "num_accepted": 1, "num_tcs": 2,
+               "average": {"delta_test": {k: v / 2 for k, v in delta.items()}}}
+    written = plots.plot_patch_results(dict(_results(), summary=summary), tmp_path)
+    assert [p.name for p in written][0] == "patch_final.png" and all(_is_png(p) for p in written)
+    with pytest.raises(ValueError, match="no target class"):
+        plots.plot_patch_final(dict(summary, per_tc=[]), tmp_path / "x.png")
+
+
 def test_no_backend_switch_and_no_pyplot():
     """Plotting must not call matplotlib.use nor import pyplot (a GUI program's backend stays)."""
     code = textwrap.dedent("""
