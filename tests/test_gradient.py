@@ -456,3 +456,24 @@ def test_gradient_modules_of_a_convnet_score_as_the_splitter(toy):
     with pytest.raises(Exception, match="sites"):
         Modules.from_gradient(splitter, splitter.result(state)._replace(masks={"x": np.ones((3, 2), bool)}),
                               apply, variables, graph=graph)
+
+
+def test_a_module_that_dropped_a_whole_site_keeps_its_closest_kernel(toy):
+    splitter, *_ = toy
+    state = splitter.init(jax.random.key(0))
+    real = {k: np.asarray(v).copy() for k, v in state.masks.items()}
+    site = splitter.free[1]
+    real[site][1] = -1.0  # class 1 keeps nothing at this site ...
+    real[site][1, 2] = -0.25  # ... and kernel 2 is the closest to being kept
+    state = state.replace(masks={k: jnp.asarray(v) for k, v in real.items()},
+                          best_masks={k: jnp.asarray(v > 0) for k, v in real.items()})
+    result, repairs = splitter.keep_one_per_site(state, splitter.result(state))
+    assert repairs == [{"class": 1, "site": site, "kernel": 2}]
+    assert result.masks[site][1].tolist() == [k == 2 for k in range(splitter.num_kernels[site])]
+    for n in splitter.names:  # every other row as it was; tied sites follow their representative
+        ref = real[splitter.rep[n]] > 0
+        ref[1] = result.masks[site][1] if splitter.rep[n] == site else ref[1]
+        np.testing.assert_array_equal(result.masks[n], ref)
+    assert result.kept_fraction[1] > splitter.result(state).kept_fraction[1]
+    untouched, none = splitter.keep_one_per_site(state, result)
+    assert none == [] and untouched is result

@@ -526,6 +526,33 @@ class GradSplitter:
                           best_valid_accuracy=float(state.best_valid_accuracy),
                           kept_fraction=kept)
 
+    def keep_one_per_site(self, state: GradState, result: GradResult) -> tuple[GradResult, list[dict]]:
+        """`result` with at least one kept kernel at every site of every module.
+
+        The searcher may drop a whole site for some class (its loss allows it); such a module
+        still computes (its channels there are zero) but cannot be physically extracted. Where
+        that happened, the kernel with the largest real mask value at that site (the one
+        closest to being kept) is kept. The ensemble then differs slightly from the one chosen
+        on valid, so the repairs are returned to be reported.
+
+        Returns:
+          `(result, repairs)`, repairs a list of `{"class": c, "site": name, "kernel": k}` (empty
+          when nothing was changed; `result` is then returned as is).
+        """
+        repairs: list[dict] = []
+        free = {n: np.array(result.masks[n], dtype=bool, copy=True) for n in self.free}
+        for n in self.free:
+            real = np.asarray(state.masks[n], np.float32)
+            for c in np.flatnonzero(~free[n].any(axis=-1)):
+                k = int(np.argmax(real[c]))
+                free[n][c, k] = True
+                repairs.append({"class": int(c), "site": n, "kernel": k})
+        if not repairs:
+            return result, repairs
+        masks = {k: np.asarray(v) for k, v in self.expand(free).items()}
+        kept = np.concatenate([masks[n] for n in self.names], axis=-1).mean(-1)
+        return result._replace(masks=masks, kept_fraction=kept), repairs
+
     def module_apply(self, result: GradResult, variables: Any, c: int) -> Callable[[jax.Array], jax.Array]:
         """`x -> (B,)` score of module c: the `module_apply` for `jaxsplit.compose.compose`."""
         head, mask = result.head_params_of(c), result.mask_of(c)

@@ -117,7 +117,11 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
         raise D.ResumeError(str(e)) from e
     train_time = time.perf_counter() - t0
 
-    result = splitter.result(state)
+    result, repairs = splitter.keep_one_per_site(state, splitter.result(state))
+    if repairs:
+        D.log.warning("%d module site(s) kept no kernel; kept the kernel closest to being kept there "
+                      "(recorded in summary.json as repaired_empty_sites): %s", len(repairs),
+                      ", ".join(f"class {r['class']} at {r['site']}" for r in repairs[:8]))
     D._save_npz(out_dir / "masks.npz", result.masks)
     heads = {k.replace(".", "/"): np.asarray(v) for k, v in D._flat_items(result.head_params).items()}
     D._save_npz(out_dir / "heads.npz", heads)
@@ -166,7 +170,7 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
         "test_accuracy_loss": model_acc["test"] - ens_test,
         "mean_kept_fraction": mean_of("kept_fraction"), "mean_params_fraction": mean_of("params_fraction"),
         "mean_macs_fraction": mean_of("macs_fraction"),
-        "per_class": per_class, "train_time_s": train_time,
+        "per_class": per_class, "repaired_empty_sites": repairs, "train_time_s": train_time,
         "mean_epoch_time_s": float(np.mean(times[1:] if len(times) > 1 else times)) if times else None,
     }
     D._save_json(out_dir / "history.json", {"epochs": history})
