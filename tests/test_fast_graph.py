@@ -219,3 +219,21 @@ def test_backend_selection(cases):
     if jax.default_backend() == "cpu":
         assert isinstance(from_cfg, FG.GraphFastEvaluator)
         assert from_cfg.cache_bytes == 2**20 and from_cfg.chunk_images == 16
+
+
+
+def test_the_driver_runs_it_outside_jit(cases):
+    """The GA driver's step evaluates a host-side evaluator outside its jit (a whole zoo search
+    with backend "auto" runs in tests/test_driver_zoo.py)."""
+    from jaxsplit.search import driver as D
+
+    graph = cases("inception_like")[0]
+    rng = np.random.default_rng(0)
+    importance = {n: rng.random((graph.num_outputs, k)).astype(np.float32)
+                  for n, k in graph.num_kernels.items()}
+    cfg = SearchConfig(population_size=4, num_generations=2, backend="auto", seed=1, shard=False)
+    problem, _ = D.build_problem(graph, None, importance, cfg,
+                                 evaluate_fn=E.make_evaluator_from_config(graph, cfg))
+    if jax.default_backend() == "cpu":
+        assert isinstance(problem.evaluate_fn, FG.GraphFastEvaluator)
+        assert isinstance(D.make_step(problem), D.HostEvaluatedStep)

@@ -314,8 +314,9 @@ def default_backend(platform: str) -> Literal["reference", "fast", "device"]:
     process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
     reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
     53 (27x). Same probe, SimCNN width 0.25, 16 modules x 1000 32x32x3
-    images, 50% kept, load 3-6 on the 2 cores: tuned fast 2,791, generic fast
-    (`fast_graph` over the traced SimCNN) 1,659, reference 654. The fast backend spends FLOPs on kept kernels only and avoids
+    images, 50% kept, load 2-6 on the 2 cores (`--backends graph,fast,reference`):
+    tuned fast 5,399, generic fast (`fast_graph` over the traced SimCNN) 2,787,
+    reference 977. The fast backend spends FLOPs on kept kernels only and avoids
     the vmapped (grouped) convolutions that XLA's CPU backend runs slowly.
     On GPU/TPU it is not measured here: it runs a few modules at a time
     (small kernels, host-side planning), where the vmapped reference is
