@@ -384,12 +384,14 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
     if not is_convnet:
         from jaxsplit.graph import Graph  # late: graph imports masks, which is light here
 
-        if backend != "fast" or not isinstance(target, Graph):
+        if backend != "fast":
             raise EvaluatorBackendError(
-                f"evaluator backend {backend!r} needs a jaxsplit.models.ConvNet"
-                + ("" if backend != "fast" else " or a traced kernel graph (jaxsplit.trace)")
-                + f", got {type(target).__name__}; use backend='fast', 'reference' or 'auto'"
-                + (" (a traced graph)" if backend == "fast" else ""))
+                f"evaluator backend {backend!r} needs a jaxsplit.models.ConvNet, got "
+                f"{type(target).__name__}; use backend='fast', 'reference' or 'auto'")
+        if not isinstance(target, Graph):
+            raise EvaluatorBackendError(
+                f"evaluator backend 'fast' needs a jaxsplit.models.ConvNet or a traced kernel "
+                f"graph (jaxsplit.trace), got {type(target).__name__}")
         from jaxsplit.search import fast_graph  # late: it imports this module
 
         graph_keys = ("num_levels", "num_workers", "cache_bytes")
