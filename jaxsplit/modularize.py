@@ -263,8 +263,9 @@ def modularize_init(key: jax.Array | None, apply_fn: Callable, variables: Mappin
       importance: precomputed `{site: (C, K_s)}` (default: `importance.kernel_importance`).
       measure: importance measure ("activation" / "block_output"; default
         `importance.default_measure`).
-      evaluate_fn: an `Evaluator` (default `make_evaluator_from_config`: the
-        "fast" backend only for a ConvNet, see `search.evaluate`).
+      evaluate_fn: an `Evaluator` (default `make_evaluator_from_config`: with
+        `search.backend="auto"` the "fast" backend on CPU, the tuned one for a
+        ConvNet and `search.fast_graph` for any other model; see `search.evaluate`).
       class_names: names of the classes (default "0", "1", ...).
       compile: compile the step ahead of time now (`compile_time_s`); else on first use.
 

@@ -123,7 +123,8 @@ def test_evaluator_feeds_the_fitness(setup):
 
 def test_any_traced_model_through_masked_apply(setup):
     """The reference backend over `jaxsplit.masked_apply(trace(...))` equals the ConvNet's own
-    masked apply bit for bit; "auto" is the reference backend for a graph; "fast" refuses it."""
+    masked apply bit for bit; "auto" is the generic fast backend for a graph on CPU (reference
+    elsewhere); "device" refuses a graph."""
     from functools import partial
 
     from jaxsplit.graph import trace
@@ -133,13 +134,16 @@ def test_any_traced_model_through_masked_apply(setup):
     apply_fn = partial(model.apply, train=False)
     graph = trace(apply_fn, variables, images[:1])
     masked_fn = E.masked_apply_of(graph, apply_fn)
-    generic = E.make_evaluator(graph, "auto", masked_fn=masked_fn, chunk_individuals=4,
+    generic = E.make_evaluator(graph, "reference", masked_fn=masked_fn, chunk_individuals=4,
                                chunk_images=5)
     assert isinstance(generic, E.ReferenceEvaluator) and generic.graph is graph
+    auto = E.make_evaluator(graph, "auto", masked_fn=masked_fn)
+    assert type(auto).__name__ == ("GraphFastEvaluator" if jax.default_backend() == "cpu"
+                                   else "ReferenceEvaluator")
     own = E.make_evaluator(model, "reference", chunk_individuals=4, chunk_images=5)
     np.testing.assert_array_equal(np.asarray(generic(variables, masks, images, classes)),
                                   np.asarray(own(variables, masks, images, classes)))
-    with pytest.raises(E.EvaluatorBackendError, match="ConvNet only"):
-        E.make_evaluator(graph, "fast", masked_fn=masked_fn)
+    with pytest.raises(E.EvaluatorBackendError, match="'device' needs a jaxsplit.models.ConvNet"):
+        E.make_evaluator(graph, "device", masked_fn=masked_fn)
     with pytest.raises(E.EvaluatorInputError, match="full variables dict"):
         generic(params, masks, images, classes)

@@ -88,6 +88,7 @@ from jaxsplit.search.core import (  # noqa: F401  (the pure core; re-exported fo
     score_and_update,
     search_step,
 )
+from jaxsplit.search.evaluate import resolve_backend
 from jaxsplit.search.sharding import input_placement
 
 MODULARIZE_DIRNAME = "modularize"
@@ -429,10 +430,15 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     if resume:
         remove_stale_temporaries(ckpt_root)
     done_before = existing[-1][0] if (resume and existing) else 0
+    convnet = convnet_of(apply_fn)
+    backend = scfg.backend
+    if backend == "auto":  # what make_evaluator will pick for this model
+        backend = resolve_backend(convnet if convnet is not None else graph,
+                                  jax.default_backend())
+    if backend == "fast" and convnet is None:
+        backend = "fast_graph"  # the generic fast evaluator (search/fast_graph.py)
     estimate = pipeline.search_estimate(graph, num_classes, scfg.population_size, num_valid,
-                                        scfg.num_generations + 1 - done_before,
-                                        backend=scfg.backend if convnet_of(apply_fn) is not None
-                                        else "reference")  # "auto": reference unless a ConvNet
+                                        scfg.num_generations + 1 - done_before, backend=backend)
     if estimate is not None:
         log.info("%s", estimate)
 

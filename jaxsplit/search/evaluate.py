@@ -20,13 +20,16 @@ The interface every backend implements (`Evaluator`):
       L:         float32 (C, P, N)
 
 Backends: "reference" (here: any traced model; `jit(vmap)` over
-individuals, chunked over individuals and images), "fast"
-(`jaxsplit.search.fast_evaluate.make_fast_evaluator`, imported lazily: host-
-planned extracted modules, written for `jaxsplit.models.ConvNet` only) and
-"device" (`jaxsplit.search.device_evaluate.make_device_evaluator`: kept
-kernels gathered on device into bucketed blocks, jit-only; ConvNet bucket
-levels). `make_evaluator` picks one; "auto" follows `default_backend(platform)`
-for a ConvNet and is "reference" for any other model.
+individuals, chunked over individuals and images), "fast" (host-planned,
+physically extracted modules, imported lazily: for a `jaxsplit.models.ConvNet`
+the tuned `jaxsplit.search.fast_evaluate.make_fast_evaluator`, for any other
+traced model `jaxsplit.search.fast_graph.make_graph_fast_evaluator` over
+`jaxsplit.extract.gather`) and "device"
+(`jaxsplit.search.device_evaluate.make_device_evaluator`: kept kernels
+gathered on device into bucketed blocks, jit-only; ConvNet only).
+`make_evaluator` picks one; "auto" follows `resolve_backend(target, platform)`:
+`default_backend(platform)`, with "reference" instead of "device" for a model
+that is not a ConvNet.
 """
 
 from __future__ import annotations
@@ -299,8 +302,10 @@ class ReferenceEvaluator:
 def default_backend(platform: str) -> Literal["reference", "fast", "device"]:
     """The backend "auto" picks on a JAX platform ("cpu", "gpu", "cuda", "rocm", "tpu", ...).
 
-    Rule: "fast" on CPU; "device" on an accelerator (gpu/cuda/rocm/tpu);
-    "reference" on any other platform. The "device" backend does the fast
+    Rule: "fast" on CPU (for any model: the tuned evaluator for a ConvNet,
+    `jaxsplit.search.fast_graph` for any other traced model); "device" on an
+    accelerator (gpu/cuda/rocm/tpu; ConvNet only, `resolve_backend` gives
+    any other model "reference" there); "reference" on any other platform. The "device" backend does the fast
     backend's kept-kernel arithmetic (about f² of the reference's FLOPs at a
     kept fraction f) inside one jit, with no host planning in the step, so
     an accelerator is never left waiting on Python; `benchmarks/device_check.sh`
@@ -308,7 +313,10 @@ def default_backend(platform: str) -> Literal["reference", "fast", "device"]:
     0.10, `benchmarks/fast_evaluator_probe.py`, 50% of kernels kept, same
     process): SimCNN width 0.25, 24 modules x 256 images: fast 9,660 vs
     reference 1,315 solution·images/s (7.3x); width 1.0, 4 x 64: 1,400 vs
-    53 (27x). The fast backend spends FLOPs on kept kernels only and avoids
+    53 (27x). Same probe, SimCNN width 0.25, 16 modules x 1000 32x32x3
+    images, 50% kept, load 2-6 on the 2 cores (`--backends graph,fast,reference`):
+    tuned fast 5,399, generic fast (`fast_graph` over the traced SimCNN) 2,787,
+    reference 977. The fast backend spends FLOPs on kept kernels only and avoids
     the vmapped (grouped) convolutions that XLA's CPU backend runs slowly.
     On GPU/TPU it is not measured here: it runs a few modules at a time
     (small kernels, host-side planning), where the vmapped reference is
@@ -321,6 +329,20 @@ def default_backend(platform: str) -> Literal["reference", "fast", "device"]:
     return "reference"
 
 
+def resolve_backend(target: Any, platform: str) -> Literal["reference", "fast", "device"]:
+    """The backend "auto" picks for `target` (a `ConvNet` or a traced graph) on `platform`.
+
+    `default_backend(platform)`, except that the "device" backend is written
+    for a `ConvNet` only, so any other model gets "reference" on an
+    accelerator. On CPU every model gets "fast" (the tuned ConvNet evaluator
+    for a ConvNet, `jaxsplit.search.fast_graph` for any other traced model).
+    """
+    backend = default_backend(platform)
+    if backend == "device" and not isinstance(target, ConvNet):
+        return "reference"
+    return backend
+
+
 def make_evaluator(target: Any, backend: Backend = "reference", *,
                    masked_fn: Callable | None = None, chunk_individuals: int = 16,
                    chunk_images: int = 1000, **fast_options) -> Evaluator:
@@ -330,35 +352,52 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
       target: a `ConvNet`, or the kernel graph of any traced model
         (`jaxsplit.trace`), then with `masked_fn`.
       backend: "reference" (`ReferenceEvaluator`), "fast"
-        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`, ConvNet only), "device"
-        (`jaxsplit.search.device_evaluate.make_device_evaluator`, ConvNet only), or
-        "auto" (`default_backend(jax.default_backend())` for a ConvNet, "reference"
-        for any other model).
+        (`jaxsplit.search.fast_evaluate.make_fast_evaluator` for a ConvNet,
+        `jaxsplit.search.fast_graph.make_graph_fast_evaluator` for a traced
+        graph), "device" (`jaxsplit.search.device_evaluate.make_device_evaluator`,
+        ConvNet only), or "auto" (`resolve_backend(target, jax.default_backend())`:
+        "fast" on CPU for every model, "device" on an accelerator for a ConvNet,
+        else "reference").
       masked_fn: `jaxsplit.masked_apply(graph, apply_fn)` for a graph target
         (default for a ConvNet: `model_masked_apply(model)`).
       chunk_individuals: masks evaluated together (bounds peak memory).
       chunk_images: images evaluated together (bounds peak memory).
       **fast_options: more options of `make_fast_evaluator` (`share_first_conv`,
-        `cache_bytes`, ...) or of `make_device_evaluator` (`compute_dtype`,
-        `num_levels`); each backend takes its own and ignores the others
-        ("reference" ignores all).
+        `cache_bytes`, ...), of `make_graph_fast_evaluator` (`num_levels`,
+        `num_workers`, `cache_bytes`) or of `make_device_evaluator`
+        (`compute_dtype`, `num_levels`); each backend takes its own and ignores
+        the others ("reference" ignores all).
 
     Raises:
-      EvaluatorBackendError: unknown backend, or "fast" for a model that is not a ConvNet.
+      EvaluatorBackendError: unknown backend, "device" for a model that is not a
+        ConvNet, or "fast" for a target that is neither a ConvNet nor a graph.
     """
     if backend not in BACKENDS:
         raise EvaluatorBackendError(f"unknown evaluator backend {backend!r}; expected one of {BACKENDS}")
     is_convnet = isinstance(target, ConvNet)
     if backend == "auto":
-        backend = default_backend(jax.default_backend()) if is_convnet else "reference"
+        backend = resolve_backend(target, jax.default_backend())
     if backend == "reference":
         return ReferenceEvaluator(target, masked_fn, chunk_individuals=chunk_individuals,
                                   chunk_images=chunk_images)
-    if not is_convnet:
-        raise EvaluatorBackendError(
-            f"evaluator backend {backend!r} is written for jaxsplit.models.ConvNet only, got "
-            f"{type(target).__name__}; use backend='reference' or 'auto'")
     device_keys = ("compute_dtype", "num_levels", "extractor", "member_loop")
+    if not is_convnet:
+        from jaxsplit.graph import Graph  # late: graph imports masks, which is light here
+
+        if backend != "fast":
+            raise EvaluatorBackendError(
+                f"evaluator backend {backend!r} needs a jaxsplit.models.ConvNet, got "
+                f"{type(target).__name__}; use backend='fast', 'reference' or 'auto'")
+        if not isinstance(target, Graph):
+            raise EvaluatorBackendError(
+                f"evaluator backend 'fast' needs a jaxsplit.models.ConvNet or a traced kernel "
+                f"graph (jaxsplit.trace), got {type(target).__name__}")
+        from jaxsplit.search import fast_graph  # late: it imports this module
+
+        graph_keys = ("num_levels", "num_workers", "cache_bytes")
+        return fast_graph.make_graph_fast_evaluator(
+            target, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
+            **{k: v for k, v in fast_options.items() if k in graph_keys})
     if backend == "device":
         from jaxsplit.search import device_evaluate  # late: it imports this module
 

@@ -2,9 +2,12 @@
 
 Written for `jaxsplit.models.ConvNet` only (its declarative layer table:
 3x3 conv blocks, pools, residual adds, an MLP head) and highly tuned for it;
-`make_evaluator` selects it only for a ConvNet. Any other traced model uses
-the generic reference backend (`jaxsplit.search.evaluate.ReferenceEvaluator`
-over `jaxsplit.masked_apply`).
+`make_evaluator(..., backend="fast")` selects it for a ConvNet. Any other
+traced model gets the generic fast backend,
+`jaxsplit.search.fast_graph.GraphFastEvaluator` (the same plan / extract /
+run ideas over `jaxsplit.extract.gather`, one jitted function of the whole
+traced graph per bucket level; it shares this module's `bucket_step` and row
+cache, `RowCache`).
 
 Same contract as `jaxsplit.search.evaluate` (the `Evaluator` protocol):
 
@@ -490,7 +493,89 @@ def _image_chunks(num_images: int, chunk_images: int) -> tuple[int, int]:
     return num, -(-num_images // num)
 
 
-class FastEvaluator:
+class RowCache:
+    """The row cache of the host-side evaluators (mixed into `FastEvaluator` and
+    `jaxsplit.search.fast_graph.GraphFastEvaluator`).
+
+    Attributes:
+      cache_bytes: memory for cached rows (0: off).
+      cache_names: mask keys in the order their bits form a row's key.
+      cache_stats: `Counter` of "hits" and "misses" (rows), for tests and logs.
+    """
+
+    def _init_row_cache(self, cache_bytes: int, names) -> None:
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or (
+                cache_bytes < 0):
+            raise EvaluatorInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
+        self.cache_bytes = int(cache_bytes)
+        self.cache_names = tuple(names)
+        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
+        self._cache_inputs: tuple = ()
+        self._cache_lock = threading.Lock()
+        self.cache_stats = collections.Counter()  # "hits", "misses" (rows), for tests and logs
+
+    def _evaluate_cached(self, params, flat_masks, images, row_class) -> np.ndarray:
+        """`(M, N)` logits; rows already computed for the same params and images are reused.
+
+        `params` is every array a row depends on besides the images (the
+        ConvNet's params, or a traced model's full variables with its
+        BatchNorm statistics); `self._evaluate_host(params, flat_masks, images,
+        row_class)` computes the rows not in the cache.
+
+        A GA's next population repeats individuals (kept parents, the hall of
+        fame, identical children): their rows are looked up by (class, mask
+        bits) instead of run again. Sound because a row depends only on its
+        module, the params and the images: the same compiled code runs it
+        whatever the other modules of the call, the grouping or the threads
+        (`group_first_conv`; tested bit for bit), and the cache is keyed on
+        the identity of the (immutable) param and image arrays, whose
+        references it holds. The cache keeps the most recently used rows up
+        to `cache_bytes`; 0 turns it off.
+        """
+        num_images = int(images.shape[0])
+        row_bytes = 4 * num_images
+        capacity = self.cache_bytes // max(row_bytes, 1)
+        if capacity == 0:
+            return self._evaluate_host(params, flat_masks, images, row_class)
+        inputs = (images, *jax.tree_util.tree_leaves(params))
+        bits = np.packbits(np.concatenate([flat_masks[n] for n in self.cache_names], axis=1),
+                           axis=1)
+        keys = [row_class[m].tobytes() + bits[m].tobytes() for m in range(len(row_class))]
+        todo: dict[bytes, int] = {}  # key -> first row index, for the rows not in the cache
+        cached: dict[bytes, np.ndarray] = {}
+        with self._cache_lock:  # the sharded wrapper calls one evaluator from several threads
+            if not _same_arrays(inputs, self._cache_inputs):
+                self._cache.clear()
+                self._cache_inputs = inputs
+            for m, key in enumerate(keys):
+                if key in self._cache:
+                    cached[key] = self._cache[key]
+                    self._cache.move_to_end(key)
+                elif key not in todo:
+                    todo[key] = m
+        out = np.empty((len(keys), num_images), np.float32)
+        if todo:
+            rows = np.fromiter(todo.values(), np.int64, len(todo))
+            computed = self._evaluate_host(params, {n: v[rows] for n, v in flat_masks.items()},
+                                           images, row_class[rows])
+            fresh = dict(zip(todo, computed))
+        else:
+            fresh = {}
+        for m, key in enumerate(keys):
+            out[m] = fresh[key] if key in fresh else cached[key]
+        with self._cache_lock:
+            self.cache_stats["misses"] += len(todo)
+            self.cache_stats["hits"] += len(keys) - len(todo)
+            if _same_arrays(inputs, self._cache_inputs):  # (another thread may have reset it)
+                for key, row in fresh.items():
+                    self._cache[key] = row.copy()  # not a view: evicting frees it
+                while len(self._cache) > capacity:
+                    self._cache.popitem(last=False)
+        return out
+
+
+
+class FastEvaluator(RowCache):
     """The "fast" `Evaluator` (see the module docstring).
 
     Attributes:
@@ -520,16 +605,9 @@ class FastEvaluator:
                             ("num_workers", num_workers)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise EvaluatorInputError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or (
-                cache_bytes < 0):
-            raise EvaluatorInputError(f"cache_bytes must be an int >= 0, got {cache_bytes!r}")
-        self.cache_bytes = int(cache_bytes)
-        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
-        self._cache_inputs: tuple = ()
-        self._cache_lock = threading.Lock()
-        self.cache_stats = collections.Counter()  # "hits", "misses" (rows), for tests and logs
         self.model = model
         self.spec = model.conv_spec()
+        self._init_row_cache(cache_bytes, self.spec.names)
         self.chunk_individuals = int(chunk_individuals)
         self.chunk_images = int(chunk_images)
         self.num_buckets = int(num_buckets)
@@ -609,60 +687,6 @@ class FastEvaluator:
         return result
 
     # -- host path --------------------------------------------------------------------
-
-    def _evaluate_cached(self, params, flat_masks, images, row_class) -> np.ndarray:
-        """`(M, N)` logits; rows already computed for the same params and images are reused.
-
-        A GA's next population repeats individuals (kept parents, the hall of
-        fame, identical children): their rows are looked up by (class, mask
-        bits) instead of run again. Sound because a row depends only on its
-        module, the params and the images: the same compiled code runs it
-        whatever the other modules of the call, the grouping or the threads
-        (`group_first_conv`; tested bit for bit), and the cache is keyed on
-        the identity of the (immutable) param and image arrays, whose
-        references it holds. The cache keeps the most recently used rows up
-        to `cache_bytes`; 0 turns it off.
-        """
-        num_images = int(images.shape[0])
-        row_bytes = 4 * num_images
-        capacity = self.cache_bytes // max(row_bytes, 1)
-        if capacity == 0:
-            return self._evaluate_host(params, flat_masks, images, row_class)
-        inputs = (images, *jax.tree_util.tree_leaves(params))
-        bits = np.packbits(np.concatenate([flat_masks[n] for n in self.spec.names], axis=1),
-                           axis=1)
-        keys = [row_class[m].tobytes() + bits[m].tobytes() for m in range(len(row_class))]
-        todo: dict[bytes, int] = {}  # key -> first row index, for the rows not in the cache
-        cached: dict[bytes, np.ndarray] = {}
-        with self._cache_lock:  # the sharded wrapper calls one evaluator from several threads
-            if not _same_arrays(inputs, self._cache_inputs):
-                self._cache.clear()
-                self._cache_inputs = inputs
-            for m, key in enumerate(keys):
-                if key in self._cache:
-                    cached[key] = self._cache[key]
-                    self._cache.move_to_end(key)
-                elif key not in todo:
-                    todo[key] = m
-        out = np.empty((len(keys), num_images), np.float32)
-        if todo:
-            rows = np.fromiter(todo.values(), np.int64, len(todo))
-            computed = self._evaluate_host(params, {n: v[rows] for n, v in flat_masks.items()},
-                                           images, row_class[rows])
-            fresh = dict(zip(todo, computed))
-        else:
-            fresh = {}
-        for m, key in enumerate(keys):
-            out[m] = fresh[key] if key in fresh else cached[key]
-        with self._cache_lock:
-            self.cache_stats["misses"] += len(todo)
-            self.cache_stats["hits"] += len(keys) - len(todo)
-            if _same_arrays(inputs, self._cache_inputs):  # (another thread may have reset it)
-                for key, row in fresh.items():
-                    self._cache[key] = row.copy()  # not a view: evicting frees it
-                while len(self._cache) > capacity:
-                    self._cache.popitem(last=False)
-        return out
 
     def _evaluate_host(self, params, flat_masks, images, row_class) -> np.ndarray:
         """`(M, N)` logits: modules extracted on the host, run by the jitted blocks."""
