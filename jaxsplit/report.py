@@ -623,8 +623,13 @@ def _data_section(run_dir: Path) -> list[str]:
              if isinstance(v, list) and v and all(_is_scalar(x) for x in v)]
     if rows:
         lines += _table(["", "value"], rows)
+    files = [(split, f) for split, entry in (data.get("splits") or {}).items() if isinstance(entry, Mapping)
+             for f in entry.get("files") or () if isinstance(f, Mapping)]
+    if files:  # the files each split was read from, with their SHA-256 (metrics.json data.splits)
+        lines += ["files:", ""] + _table(["split", "file", "bytes", "SHA-256"], [
+            (split, f"`{f.get('path')}`", f"{f['bytes']:,}" if isinstance(f.get("bytes"), int) else "?", f"`{f.get('sha256')}`") for split, f in files])
     for k, v in data.items():
-        if isinstance(v, Mapping) and v:
+        if isinstance(v, Mapping) and v and k != "splits":
             flat = [(name, val) for name, val in v.items() if _is_scalar(val)]
             if flat:
                 lines += [f"{k}:", ""] + _table(["file" if "checksum" in k or "sha" in k else "key", "value"],

@@ -34,7 +34,9 @@ def _fake_run(tmp_path):
         "test_accuracy": 0.9123, "valid_accuracy": 0.9345, "best_epoch": 7, "num_params": 12345,
         "model": {"family": "simcnn", "width": 0.25}, "num_classes": 10, "num_train": 48000,
         "data": {"source": "idx", "path": "/data/fashion-mnist",
-                 "checksums": {"train-images-idx3-ubyte.gz": "sha256:abc123"}},
+                 "checksums": {"train-images-idx3-ubyte.gz": "sha256:abc123"},
+                 "splits": {"test": {"files": [{"path": "/data/fashion-mnist/t10k-images-idx3-ubyte.gz",
+                                                "sha256": "cc1d09f00d", "bytes": 4422079}]}}},
         "history": [{"epoch": e, "train_loss": 1.0 / (e + 1), "valid_accuracy": 0.8 + e / 100} for e in range(40)],
     }))
     mod = run / "modularize"
@@ -131,6 +133,8 @@ def test_report_opens_with_a_summary(tmp_path):
     assert text.count("target class (TC)") == 1 and "T-shirt/top, Shirt" in head
     # the data the model was trained on
     assert "## Data" in text and "/data/fashion-mnist" in text and "`sha256:abc123`" in text
+    # every split's files with their SHA-256 (metrics.json data.splits)
+    assert "| test | `/data/fashion-mnist/t10k-images-idx3-ubyte.gz` | 4,422,079 | `cc1d09f00d` |" in text
     # no internal keys, no empty rows
     assert "stats_source" not in text and "| note |" not in text
 
