@@ -206,7 +206,7 @@ def test_hall_of_fame_is_always_kept():
 
 
 def test_labels_outside_classes_are_ignored():
-    C, P, N = 3, 3, 90
+    P, N = 3, 90  # 3 modules (classes 3, 0, 4) of 5 classes
     L, flat, labels = make_problem(4, 5, P, N)  # 5 classes of images
     classes = np.array([3, 0, 4], np.int32)
     L = L[classes]  # rows are modules of classes 3, 0, 4
