@@ -22,7 +22,8 @@ FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 def _accelerator_plugin_installed() -> bool:
     names = {(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()}
-    return any(n.startswith(("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")) or n == "libtpu"
+    prefixes = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
+    return any(n.startswith(prefixes)
                for n in names)
 
 
