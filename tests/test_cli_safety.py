@@ -26,8 +26,9 @@ import yaml
 
 import jaxsplit
 from jaxsplit import checkpoint as ckpt
-from jaxsplit import cli, io as jio, patch, pipeline, presets
+from jaxsplit import cli, patch, pipeline, presets
 from jaxsplit import config as jconfig
+from jaxsplit import io as jio
 from jaxsplit.errors import JaxsplitError
 from jaxsplit.search import driver as D
 
@@ -200,7 +201,7 @@ def test_every_subcommand_has_no_progress_and_its_own_example(command, capsys):
     assert "examples:" in text and f"jaxsplit {command}" in text.split("examples:")[1]
 
 
-def test_modularize_saves_its_overrides_and_speaks_cli(searched):
+def test_modularize_saves_its_overrides_and_speaks_cli(searched, capsys):
     out = searched / D.MODULARIZE_DIRNAME
     saved = jconfig.load(out / D.CONFIG_FILE)
     assert saved.search.num_generations == 3 and saved.search.population_size == 4
@@ -209,8 +210,8 @@ def test_modularize_saves_its_overrides_and_speaks_cli(searched):
     err = assert_one_error(res, "modularize", "--resume", "--restart")
     assert "resume=True" not in err
     # --resume needs no retyping of --set: the saved settings match the finished checkpoint
-    res = jaxsplit_cli("modularize", "--run", str(searched), "--resume", "--no-progress", check_rc=0)
-    assert "resuming with the settings saved in" in res.stdout
+    assert cli.main(["modularize", "--run", str(searched), "--resume", "--no-progress"]) == 0
+    assert "resuming with the settings saved in" in capsys.readouterr().out
     history = json.loads((out / "history.json").read_text())
     assert len(history["generations"]) == 4  # 3 generations + the initial population
 
@@ -421,7 +422,7 @@ def test_stale_temporaries_are_removed_when_a_stage_takes_the_run(searched, tmp_
     stale[0].write_bytes(b"half")
     for d in stale[1:]:
         (d / "tree").mkdir(parents=True)
-    jaxsplit_cli("modularize", "--run", str(run), "--resume", "--no-progress", check_rc=0)
+    assert cli.main(["modularize", "--run", str(run), "--resume", "--no-progress"]) == 0
     assert not any(p.exists() for p in stale)
     assert (run / "checkpoint").is_dir() and ckpt.load_model(run)
 

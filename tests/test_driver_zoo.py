@@ -4,10 +4,7 @@ generic (traced graph) path: the run-folder driver takes any model `load_model` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,6 @@ import yaml
 from jaxsplit import checkpoint as ckpt
 from jaxsplit import cli, extract
 from jaxsplit import modularize as modz
-from jaxsplit.data import DATA_DIR_ENV
 from jaxsplit.graph import trace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,16 +29,6 @@ TINY_RESNET = {
 }
 
 
-def jaxsplit_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m jaxsplit.cli ARGS` with this checkout first on the path."""
-    env = {k: v for k, v in os.environ.items() if k != DATA_DIR_ENV}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", "jaxsplit.cli", *args], capture_output=True,
-                         text=True, env=env, timeout=300, check=False)
-    assert res.returncode == 0, (res.returncode, res.stdout[-2000:], res.stderr[-3000:])
-    return res
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """A tiny ResNet-20 trained in process (copy it before modularizing)."""
@@ -56,10 +42,11 @@ def trained(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def searched(trained) -> Path:
-    """The tiny ResNet-20 modularized (GA) through the CLI (a subprocess)."""
+    """The tiny ResNet-20 modularized (GA) through the CLI, in process (tests/test_cli_safety.py
+    runs `jaxsplit modularize` in subprocesses)."""
     run = trained.with_name("run")
     shutil.copytree(trained, run)
-    jaxsplit_cli("modularize", "--run", str(run), "--no-progress")
+    assert cli.main(["modularize", "--run", str(run), "--no-progress"]) == 0
     return run
 
 

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 from jaxsplit.search import multihost as MH
 
@@ -76,7 +77,10 @@ def _free_port() -> int:
 def _start(num_processes: int) -> list[subprocess.Popen]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # one CPU device per process; the suite's fast-compile flag (tests/conftest.py) stays
+    flags = " ".join(f for f in env.pop("XLA_FLAGS", "").split() if f == FAST_COMPILE_FLAG)
+    if flags:
+        env["XLA_FLAGS"] = flags
     address = f"127.0.0.1:{_free_port()}"
     return [subprocess.Popen([sys.executable, "-c", CHILD, str(num_processes), str(i), address],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
