@@ -57,3 +57,29 @@ def default_xla_env(env: dict[str, str] | None = None) -> dict[str, str]:
 FAST_COMPILE = _use_fast_compile()
 if FAST_COMPILE and FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", "").split():
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAG).strip()
+
+
+def call_with_default_xla(module: str, function: str, *args: str) -> object:
+    """`tests/<module>.py`'s `function(*args)` (JSON-ready result) with XLA's default optimization.
+
+    In this process when the suite runs at the default optimization, else in a subprocess with
+    `default_xla_env()`: for tests that compare against values recorded with it.
+    """
+    import importlib
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not FAST_COMPILE:
+        return getattr(importlib.import_module(module), function)(*args)
+    here = Path(__file__).resolve().parent
+    code = (f"import json, sys, {module} as M; "
+            f"print('RESULT ' + json.dumps(M.{function}(*sys.argv[1:])))")
+    env = default_xla_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code, *args], cwd=here, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])

@@ -5,17 +5,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE, default_xla_env
+from conftest import call_with_default_xla
 
 import jaxsplit
 from jaxsplit import masks as masks_lib
@@ -259,19 +255,11 @@ def generic_path_runs() -> dict:
     The suite compiles with less optimization (tests/conftest.py), which may change the last
     bits; then both families run in one subprocess with the default XLA flags.
     """
-    families = ("simcnn", "rescnn")
-    if not FAST_COMPILE:
-        return {f: generic_path_digests(f) for f in families}
-    code = ("import json, sys, test_modularize as T; "
-            "print('RESULT ' + json.dumps({f: T.generic_path_digests(f) for f in sys.argv[1:]}))")
-    here = Path(__file__).resolve().parent
-    env = default_xla_env()
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
-    res = subprocess.run([sys.executable, "-c", code, *families], cwd=here, env=env,
-                         capture_output=True, text=True, timeout=600, check=False)
-    assert res.returncode == 0, res.stderr[-4000:]
-    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return call_with_default_xla("test_modularize", "generic_path_digests_of", "simcnn", "rescnn")
+
+
+def generic_path_digests_of(*families: str) -> dict:
+    return {f: generic_path_digests(f) for f in families}
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="values recorded on CPU")
