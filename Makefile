@@ -38,7 +38,7 @@ demo: install
 	$(VENV)/bin/jaxsplit demo --out runs/demo
 
 test: install install-torch
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-all: install install-torch
 	$(PY) -m pytest -q -p no:cacheprovider -m ""

@@ -233,12 +233,14 @@ def test_ctrl_c_says_how_to_resume(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "jaxsplit.cli", "modularize", "--run", str(run),
-                             "--no-progress", "--set", "search.num_generations=400"],
+                             "--no-progress", "--set", "search.num_generations=100000",
+                             "--set", "search.early_stop=0"],  # runs until interrupted
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt_root = run / D.MODULARIZE_DIRNAME / D.CKPT_DIRNAME
     deadline = time.time() + 120
     while not D.list_checkpoints(ckpt_root) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-3000:]

@@ -177,6 +177,8 @@ def test_step_api_equals_modularize(bn_model, bn_modules):
     assert stepped.info == bn_modules.info
 
 
+@pytest.mark.slow  # the default suite covers it: test_readme_example (modularize + extract of a
+# model), the SimCNN generic-path search below, tests/test_extract_generic.py (extract == masked)
 def test_modularize_a_tiny_simcnn_and_extract(simcnn_case):
     apply_fn, variables, images, labels = simcnn_case
     mods = jaxsplit.modularize(apply_fn, variables, (images, labels), search=tiny_search(seed=4),
