@@ -781,13 +781,26 @@ def modularize(apply_fn: Callable, variables: Mapping, data: tuple[Any, Any], *,
       search: the search settings (`SearchConfig`; reference values by default).
       key: the base key (None: `jax.random.key(search.seed)`).
       graph: the kernel graph (default: traced).
-      progress: show a tqdm bar per generation.
+      progress: show a tqdm bar per generation (per epoch for the gradient searcher).
       **options: more `modularize_init` options (`family`, `importance`,
-        `measure`, `evaluate_fn`, `class_names`).
+        `measure`, `evaluate_fn`, `class_names`). With `search.method="gradient"`
+        (docs/method.md §10): `train_data=(images, labels)`, required, the images
+        the masks are trained on (`data` is then the valid split the best epoch
+        is chosen on), and `class_names`.
 
     Returns:
-      `Modules` (the best ensemble over all generations: highest valid fitness).
+      `Modules` (the GA: the best ensemble over all generations, highest valid
+      fitness; the gradient searcher: the best valid epoch's modules with their heads).
+
+    Raises:
+      ModularizeError: `search.method="gradient"` without `train_data`, or with GA-only options.
     """
+    if search.method == "gradient":
+        return _modularize_gradient(apply_fn, variables, data, search=search, key=key, graph=graph,
+                                    progress=progress, **options)
+    if "train_data" in options:
+        raise ModularizeError("train_data is for search.method='gradient'; the GA searches on `data` "
+                              "(the valid split) only")
     state = modularize_init(key, apply_fn, variables, data, search=search, graph=graph, **options)
     bar = None
     if progress:
@@ -805,6 +818,36 @@ def modularize(apply_fn: Callable, variables: Mapping, data: tuple[Any, Any], *,
         if bar is not None:
             bar.close()
     return Modules.from_state(state)
+
+
+def _modularize_gradient(apply_fn: Callable, variables: Mapping, data: tuple[Any, Any], *,
+                         search: SearchConfig, key: jax.Array | None, graph: Any, progress: bool,
+                         train_data: tuple[Any, Any] | None = None,
+                         class_names: Sequence[str] | None = None, **options) -> Modules:
+    """`modularize` with the gradient searcher (docs/method.md §10), in memory."""
+    from jaxsplit.search import gradient as G
+
+    if train_data is None:
+        raise ModularizeError(
+            "search.method='gradient' trains the masks on training images: pass "
+            "train_data=(images, labels); `data` is the valid split the best epoch is chosen on")
+    if options:
+        raise ModularizeError(f"option(s) {sorted(options)} are for the GA (search.method='ga'); "
+                              f"the gradient searcher takes train_data and class_names")
+    train_x, train_y = (np.asarray(a) for a in train_data)
+    valid_x, valid_y = (np.asarray(a) for a in data)
+    if graph is None:
+        graph = trace_graph(apply_fn, variables, np.asarray(valid_x[:1], np.float32))
+    splitter = G.GradSplitter.for_graph(graph, apply_fn, cfg=search.gradient)
+    state = splitter.init(jax.random.key(search.seed) if key is None else key)
+    state, history = G.train(splitter, state, variables,
+                             (np.asarray(train_x, np.float32), np.asarray(train_y, np.int32)),
+                             (np.asarray(valid_x, np.float32), np.asarray(valid_y, np.int32)),
+                             progress=progress)
+    result, repairs = splitter.keep_one_per_site(state, splitter.result(state))
+    return Modules.from_gradient(splitter, result, apply_fn, variables, graph=graph,
+                                 class_names=class_names, history=history, search=search,
+                                 info={"repaired_empty_sites": repairs})
 
 
 class _CallableModule(types.ModuleType):

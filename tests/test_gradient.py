@@ -477,3 +477,28 @@ def test_a_module_that_dropped_a_whole_site_keeps_its_closest_kernel(toy):
     assert result.kept_fraction[1] > splitter.result(state).kept_fraction[1]
     untouched, none = splitter.keep_one_per_site(state, result)
     assert none == [] and untouched is result
+
+
+def test_jaxsplit_modularize_with_method_gradient_in_memory(toy):
+    import jaxsplit
+
+    _, _, x, y = toy
+    net = _BNNet()
+    v = net.init(jax.random.key(0), x[:2])
+    apply = functools.partial(net.apply, train=False)
+    y = np.asarray(jnp.argmax(apply(v, x), -1)).astype(np.int32)
+    search = SearchConfig(method="gradient", gradient=dataclasses.replace(CFG, init="ones"))
+    mods = jaxsplit.modularize(apply, v, (x[:32], y[:32]), search=search, train_data=(x, y),
+                               key=jax.random.key(3), class_names=("a", "b", "c"))
+    assert mods.method == "gradient" and mods.heads is not None and mods.class_names == ("a", "b", "c")
+    assert mods.info["gradient"]["modular_epochs"] == CFG.modular_epochs
+    assert len(mods.history) == CFG.head_epochs + CFG.modular_epochs
+    module_apply, module_vars = mods.extract(1)  # the head's logit on the extracted module
+    np.testing.assert_allclose(np.asarray(module_apply(module_vars, x[:8])),
+                               np.asarray(mods.apply(1)(x[:8])), rtol=1e-5, atol=1e-5)
+    with pytest.raises(jaxsplit.modularize.ModularizeError, match="train_data"):
+        jaxsplit.modularize(apply, v, (x, y), search=search)
+    with pytest.raises(jaxsplit.modularize.ModularizeError, match="for the GA"):
+        jaxsplit.modularize(apply, v, (x, y), search=search, train_data=(x, y), family="simcnn")
+    with pytest.raises(jaxsplit.modularize.ModularizeError, match="train_data is for"):
+        jaxsplit.modularize(apply, v, (x, y), train_data=(x, y))
