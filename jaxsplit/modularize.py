@@ -274,6 +274,11 @@ def modularize_init(key: jax.Array | None, apply_fn: Callable, variables: Mappin
     """
     if not isinstance(search, SearchConfig):
         raise ModularizeError(f"search must be a SearchConfig, got {type(search).__name__}")
+    if search.method != "ga":
+        raise ModularizeError(
+            f"modularize_init/modularize_step drive the GA, but search.method={search.method!r}; "
+            f"run the gradient searcher with jaxsplit.modularize(..., train_data=...) or drive "
+            f"jaxsplit.search.gradient.GradSplitter (init, step, train) yourself")
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise ModularizeError(f"data must be (images, labels), got {type(data).__name__}")
     images, labels = data

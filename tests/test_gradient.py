@@ -502,3 +502,5 @@ def test_jaxsplit_modularize_with_method_gradient_in_memory(toy):
         jaxsplit.modularize(apply, v, (x, y), search=search, train_data=(x, y), family="simcnn")
     with pytest.raises(jaxsplit.modularize.ModularizeError, match="train_data is for"):
         jaxsplit.modularize(apply, v, (x, y), train_data=(x, y))
+    with pytest.raises(jaxsplit.modularize.ModularizeError, match="drive the GA"):
+        jaxsplit.modularize_init(None, apply, v, (x, y), search=search)
