@@ -235,7 +235,10 @@ def test_ctrl_c_says_how_to_resume(trained, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "jaxsplit.cli", "modularize", "--run", str(run),
                              "--no-progress", "--set", "search.num_generations=100000",
                              "--set", "search.early_stop=0"],  # runs until interrupted
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell running the suite in the background starts it with SIGINT
+                            # ignored, which the child would inherit: give it the default back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt_root = run / D.MODULARIZE_DIRNAME / D.CKPT_DIRNAME
     deadline = time.time() + 120
     while not D.list_checkpoints(ckpt_root) and time.time() < deadline and proc.poll() is None:
@@ -249,6 +252,8 @@ def test_ctrl_c_says_how_to_resume(trained, tmp_path):
     assert not (run / jio.LOCK_NAME).read_text()  # the lock was released
 
 
+@pytest.mark.slow  # the CLI's wording only: weak-model reuse and per-TC results are covered in the
+# default suite by tests/test_patch.py::test_run_patch_end_to_end_on_synthetic
 def test_patch_names_the_target_class_and_says_when_it_reuses_a_weak_model(searched, tmp_path):
     run = copy_run(searched, tmp_path / "run")
     sets = ["patch.strong_classes=[0,1,2,3]", "patch.weak_classes=[4,5,6,7]",
