@@ -126,6 +126,18 @@ def _is_concrete(*xs: Any) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def _finite_float(x: jax.Array, method: str, what: str, detail: str = "") -> jax.Array:
+    """`x` as a float array, refused (when concrete) if it holds NaN or inf."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    if _is_concrete(x):
+        num_bad = int(np.sum(~np.isfinite(np.asarray(x))))
+        if num_bad:
+            raise CalibrationError(
+                f"{method}: {what} contain {num_bad} non-finite value(s) (NaN or inf){detail}")
+    return x
+
+
 def _as_scores(scores: Any, method: str) -> Array:
     """Validates and flattens scores to ``(N,)`` float."""
     scores = jnp.asarray(scores)
@@ -137,16 +149,7 @@ def _as_scores(scores: Any, method: str) -> Array:
         )
     if scores.shape[0] == 0:
         raise CalibrationError(f"{method}: scores are empty (shape {scores.shape})")
-    if not jnp.issubdtype(scores.dtype, jnp.floating):
-        scores = scores.astype(jnp.float32)
-    if _is_concrete(scores):
-        num_bad = int(np.sum(~np.isfinite(np.asarray(scores))))
-        if num_bad:
-            raise CalibrationError(
-                f"{method}: scores contain {num_bad} non-finite value(s) (NaN or inf) "
-                f"out of {scores.shape[0]}"
-            )
-    return scores
+    return _finite_float(scores, method, "scores", f" out of {scores.shape[0]}")
 
 
 def _as_labels(labels: Any, num_examples: int, method: str) -> Array:
@@ -498,15 +501,7 @@ def _as_features(features: Any, method: str) -> Array:
         raise CalibrationError(
             f"{method}: features must have shape (N,) or (N, F) with N, F >= 1, got {features.shape}"
         )
-    if not jnp.issubdtype(features.dtype, jnp.floating):
-        features = features.astype(jnp.float32)
-    if _is_concrete(features):
-        num_bad = int(np.sum(~np.isfinite(np.asarray(features))))
-        if num_bad:
-            raise CalibrationError(
-                f"{method}: features contain {num_bad} non-finite value(s) (NaN or inf)"
-            )
-    return features
+    return _finite_float(features, method, "features")
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",))

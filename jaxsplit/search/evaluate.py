@@ -186,6 +186,11 @@ def check_eval_inputs(target: Any, masks: Mapping[str, jax.Array], images: jax.A
     return num_rows, num_individuals, int(images.shape[0])
 
 
+def is_traced(tree: Any) -> bool:
+    """Whether any leaf of `tree` is a tracer (the call runs under `jit`/`vmap`/`shard_map`)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
 def check_variables(variables: Any) -> None:
     """A full variables dict (`{"params": ...}`), not the inner params dict."""
     if not isinstance(variables, Mapping) or "params" not in variables:

@@ -125,7 +125,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit.models.convnet import ConvNet, ConvSpec
-from jaxsplit.search.evaluate import EvaluatorInputError, check_eval_inputs, check_variables
+from jaxsplit.search.evaluate import EvaluatorInputError, check_eval_inputs, check_variables, is_traced
 
 CONV = "conv"  # XLA convolution
 DENSE = "dense"  # the whole (small) map as one matmul
@@ -493,6 +493,18 @@ def _image_chunks(num_images: int, chunk_images: int) -> tuple[int, int]:
     return num, -(-num_images // num)
 
 
+def padded_images(images: Any, chunk_images: int) -> tuple[jax.Array, int, int]:
+    """`(images padded to num_chunks * chunk (copies of image 0, cut from results), num_chunks,
+    chunk)`: equal chunks of at most `chunk_images` images."""
+    num_images = int(images.shape[0])
+    num_chunks, chunk = _image_chunks(num_images, chunk_images)
+    padded = num_chunks * chunk
+    x = jnp.asarray(images, jnp.float32)
+    if padded > num_images:
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (padded - num_images, *x.shape[1:]))])
+    return x, num_chunks, chunk
+
+
 class RowCache:
     """The row cache of the host-side evaluators (mixed into `FastEvaluator` and
     `jaxsplit.search.fast_graph.GraphFastEvaluator`).
@@ -502,6 +514,19 @@ class RowCache:
       cache_names: mask keys in the order their bits form a row's key.
       cache_stats: `Counter` of "hits" and "misses" (rows), for tests and logs.
     """
+
+    def _evaluate_rows(self, weights: Any, masks: Mapping[str, Any], images: Any, classes: Any,
+                       num_rows: int, num_individuals: int) -> jax.Array:
+        """`L (C, P, N)` of the host path: the C·P mask rows flattened, looked up in the cache,
+        the others run by `_evaluate_host(weights, flat_masks, images, row_class)`."""
+        total = num_rows * num_individuals
+        num_images = int(images.shape[0])
+        flat = {n: np.asarray(masks[n], bool).reshape(total, -1) for n in self.cache_names}
+        row_class = np.repeat(np.asarray(classes, np.int64), num_individuals)
+        out = self._evaluate_cached(weights, flat, images, row_class)  # (M, N)
+        result = jnp.asarray(out.reshape(num_rows, num_individuals, num_images))
+        chex.assert_shape(result, (num_rows, num_individuals, num_images))
+        return result
 
     def _init_row_cache(self, cache_bytes: int, names) -> None:
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, np.integer)) or (
@@ -674,17 +699,9 @@ class FastEvaluator(RowCache):
         params = variables["params"]
         num_rows, num_individuals, num_images = check_eval_inputs(self.model, masks, images,
                                                                   classes)
-        leaves = [masks[n] for n in self.spec.names] + [classes, images]
-        leaves += jax.tree_util.tree_leaves(params)
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if is_traced(([masks[n] for n in self.spec.names], classes, images, params)):
             return self._traced(params, masks, images, classes)
-        total = num_rows * num_individuals
-        flat = {n: np.asarray(masks[n], bool).reshape(total, -1) for n in self.spec.names}
-        row_class = np.repeat(np.asarray(classes, np.int64), num_individuals)
-        out = self._evaluate_cached(params, flat, images, row_class)  # (M, N)
-        result = jnp.asarray(out.reshape(num_rows, num_individuals, num_images))
-        chex.assert_shape(result, (num_rows, num_individuals, num_images))
-        return result
+        return self._evaluate_rows(params, masks, images, classes, num_rows, num_individuals)
 
     # -- host path --------------------------------------------------------------------
 
@@ -695,12 +712,8 @@ class FastEvaluator(RowCache):
         prepared = self._prepared(params)
         total = row_class.shape[0]
         num_images = int(images.shape[0])
-        num_chunks, chunk = _image_chunks(num_images, self.chunk_images)
+        images, num_chunks, chunk = padded_images(images, self.chunk_images)
         padded = num_chunks * chunk
-        images = jnp.asarray(images, jnp.float32)
-        if padded > num_images:  # pad with copies of image 0 (cut from the result)
-            images = jnp.concatenate(
-                [images, jnp.broadcast_to(images[:1], (padded - num_images, *images.shape[1:]))])
         first_weights = jax.device_put(prepared[first.name])
         out = np.empty((total, padded), np.float32)
         shared = self.share_first_conv

@@ -83,13 +83,14 @@ from jaxsplit.search.evaluate import (
     ReferenceEvaluator,
     check_eval_inputs,
     check_variables,
+    is_traced,
 )
 from jaxsplit.search.fast_evaluate import (
     DEFAULT_CACHE_BYTES,
     RowCache,
-    _image_chunks,
     bucket_step,
     default_num_workers,
+    padded_images,
 )
 
 DEFAULT_NUM_LEVELS = 8
@@ -223,18 +224,10 @@ class GraphFastEvaluator(RowCache):
         check_variables(variables)
         num_rows, num_individuals, num_images = check_eval_inputs(self.graph, masks, images,
                                                                   classes)
-        leaves = [masks[n] for n in self.graph.names] + [classes, images]
-        leaves += jax.tree_util.tree_leaves(variables)
-        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        if is_traced(([masks[n] for n in self.graph.names], classes, images, variables)):
             return self._reference._evaluate(variables, masks, images, classes)
         masks_lib._check_variables(self.graph, variables, masks_lib._any_plan(self.graph))
-        total = num_rows * num_individuals
-        flat = {n: np.asarray(masks[n], bool).reshape(total, -1) for n in self.graph.names}
-        row_class = np.repeat(np.asarray(classes, np.int64), num_individuals)
-        out = self._evaluate_cached(variables, flat, images, row_class)  # (M, N)
-        result = jnp.asarray(out.reshape(num_rows, num_individuals, num_images))
-        chex.assert_shape(result, (num_rows, num_individuals, num_images))
-        return result
+        return self._evaluate_rows(variables, masks, images, classes, num_rows, num_individuals)
 
     def _run_row(self, variables, indices, valid, cls, image_chunks) -> jax.Array:
         """One row: gather its module, run it on every image chunk -> `(num_chunks * n,)`."""
@@ -254,11 +247,8 @@ class GraphFastEvaluator(RowCache):
         plan = plan_rows(self.graph, flat_masks, self.levels)
         total = int(row_class.shape[0])
         num_images = int(images.shape[0])
-        num_chunks, chunk = _image_chunks(num_images, self.chunk_images)
+        x, num_chunks, chunk = padded_images(images, self.chunk_images)
         padded = num_chunks * chunk
-        x = jnp.asarray(images, jnp.float32)
-        if padded > num_images:  # pad with copies of image 0 (cut from the result)
-            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (padded - num_images, *x.shape[1:]))])
         image_chunks = x.reshape(num_chunks, chunk, *x.shape[1:])
         variables = jax.device_put(variables)
         free = self.graph.free_layers

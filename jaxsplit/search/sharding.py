@@ -100,7 +100,7 @@ from jax.sharding import PartitionSpec as PS
 
 from jaxsplit.errors import JaxsplitError
 from jaxsplit.models.convnet import ConvNet
-from jaxsplit.search.evaluate import Backend, Evaluator, check_eval_inputs, make_evaluator
+from jaxsplit.search.evaluate import Backend, Evaluator, check_eval_inputs, is_traced, make_evaluator
 
 AXIS = "population"
 
@@ -139,10 +139,6 @@ def _pad_population(masks: Mapping[str, jax.Array], size: int) -> dict[str, jax.
                                axis=1)
         out[name] = m
     return out
-
-
-def _is_traced(tree: Any) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 class ShardedEvaluator:
@@ -216,7 +212,7 @@ class ShardedEvaluator:
             shapes = {k: tuple(np.shape(v)) for k, v in masks.items()}
             if any(len(s) != 3 for s in shapes.values()):
                 raise ShardingError(f"masks must have shape (C, P, K_l) per layer, got {shapes}")
-        if not _is_traced((variables, masks, images, classes)):
+        if not is_traced((variables, masks, images, classes)):
             if self.host_side:
                 return self._call_host(variables, masks, images, classes)
             variables, images, classes = jax.device_put((variables, images, classes), self.replicated)
