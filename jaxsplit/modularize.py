@@ -843,7 +843,7 @@ def _modularize_gradient(apply_fn: Callable, variables: Mapping, data: tuple[Any
     valid_x, valid_y = (np.asarray(a) for a in data)
     if graph is None:
         graph = trace_graph(apply_fn, variables, np.asarray(valid_x[:1], np.float32))
-    splitter = G.GradSplitter.for_graph(graph, apply_fn, cfg=search.gradient)
+    splitter = G.GradSplitter.for_model(graph, apply_fn, cfg=search.gradient)  # as the CLI
     state = splitter.init(jax.random.key(search.seed) if key is None else key)
     state, history = G.train(splitter, state, variables,
                              (np.asarray(train_x, np.float32), np.asarray(train_y, np.int32)),

@@ -504,3 +504,17 @@ def test_jaxsplit_modularize_with_method_gradient_in_memory(toy):
         jaxsplit.modularize(apply, v, (x, y), train_data=(x, y))
     with pytest.raises(jaxsplit.modularize.ModularizeError, match="drive the GA"):
         jaxsplit.modularize_init(None, apply, v, (x, y), search=search)
+
+
+def test_for_model_keeps_the_reference_masking_for_a_convnet(toy):
+    from jaxsplit.graph import Graph
+    from jaxsplit.models.convnet import ConvSpec
+
+    _, variables, x, _ = toy
+    convnet = G.GradSplitter.for_model(trace(MODEL.apply, variables, x[:2]), MODEL.apply, CFG)
+    assert isinstance(convnet.sites, ConvSpec)  # for_convnet: post-ReLU masking before the pool
+    net = _BNNet()
+    v = net.init(jax.random.key(0), x[:2])
+    apply = functools.partial(net.apply, train=False)
+    other = G.GradSplitter.for_model(trace(apply, v, x[:2]), apply, CFG)
+    assert isinstance(other.sites, Graph)

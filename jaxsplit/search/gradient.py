@@ -287,6 +287,27 @@ class GradSplitter:
             raise GradientError("the graph does not give num_outputs; pass num_classes")
         return cls(graph, fn, int(n), cfg)
 
+    @classmethod
+    def for_model(cls, graph: Any, apply_fn: Callable, cfg: GradientConfig | None = None, *,
+                  num_classes: int | None = None) -> GradSplitter:
+        """The searcher for the model behind `apply_fn`: `for_convnet` for a jaxsplit `ConvNet`
+        (the reference's masking of each conv's post-ReLU output before the pool, docs/method.md
+        §10), `for_graph` for any other traced model.
+
+        Raises:
+          GradientError: a ConvNet whose mask sites differ from its traced graph's.
+        """
+        from jaxsplit.models.convnet import convnet_of
+
+        model = convnet_of(apply_fn)
+        if model is None:
+            return cls.for_graph(graph, apply_fn, cfg, num_classes=num_classes)
+        splitter = cls.for_convnet(model, cfg, num_classes=num_classes)
+        if tuple(splitter.names) != tuple(graph.names):
+            raise GradientError(f"the ConvNet's mask sites {list(splitter.names)} differ from its "
+                                f"traced graph's {list(graph.names)}")
+        return splitter
+
     # -- pieces -----------------------------------------------------------------------------------
 
     def phase_of(self, epoch: int) -> int:

@@ -37,7 +37,6 @@ from jaxsplit import config as jconfig
 from jaxsplit import extract
 from jaxsplit import io as jio
 from jaxsplit import modularize as modz
-from jaxsplit.models.convnet import ConvNet
 from jaxsplit.search import driver as D
 from jaxsplit.search import gradient as G
 
@@ -97,13 +96,10 @@ def run_gradient_modularize(run_dir: str | os.PathLike, cfg, resume: bool = Fals
         jio.atomic_write_text(out_dir / D.CONFIG_FILE, D._yaml_dump(jconfig.to_dict(cfg)))
 
     num_train = len(train) if gcfg.num_train is None else min(gcfg.num_train, len(train))
-    if isinstance(model, ConvNet):  # the reference's masking (see the module docstring)
-        splitter = G.GradSplitter.for_convnet(model, cfg=gcfg, num_classes=num_classes)
-        if tuple(splitter.names) != tuple(graph.names):
-            raise D.SearchError(f"the ConvNet's mask sites {list(splitter.names)} differ from its "
-                                f"traced graph's {list(graph.names)}")
-    else:
-        splitter = G.GradSplitter.for_graph(graph, apply_fn, cfg=gcfg, num_classes=num_classes)
+    try:  # a ConvNet keeps the reference's masking (see the module docstring)
+        splitter = G.GradSplitter.for_model(graph, apply_fn, cfg=gcfg, num_classes=num_classes)
+    except G.GradientError as e:
+        raise D.SearchError(str(e)) from e
     state = splitter.init(jax.random.key(scfg.seed))
     fp = D.fingerprint(cfg, model_desc, params)
     t0 = time.perf_counter()
