@@ -332,19 +332,23 @@ def _class_check(graph: Graph, target_class: int | None) -> None:
                            f"classes 0..{graph.num_outputs - 1}")
 
 
-def _module_apply(graph: Graph, buckets: dict[str, int], target_class: int | None):
+def _module_apply(graph: Graph, buckets: dict[str, int], target_class: int | None,
+                  matmul_max_hw: int = 0):
     """`fn(module_variables, x)` for modules with `buckets[rep]` channels per tie group.
 
-    One function object per (buckets, target_class), cached on the graph, so
-    `jax.jit(module_apply)` compiles once for all modules of the same sizes.
+    One function object per (buckets, target_class, matmul_max_hw), cached on
+    the graph, so `jax.jit(module_apply)` compiles once for all modules of the
+    same sizes.
     """
-    key = (tuple(sorted(buckets.items())), target_class)
+    key = (tuple(sorted(buckets.items())), target_class, int(matmul_max_hw))
     if key not in graph._modules:
-        graph._modules[key] = _make_module_apply(graph, dict(buckets), target_class)
+        graph._modules[key] = _make_module_apply(graph, dict(buckets), target_class,
+                                                 int(matmul_max_hw))
     return graph._modules[key]
 
 
-def _make_module_apply(graph: Graph, buckets: dict[str, int], target_class: int | None):
+def _make_module_apply(graph: Graph, buckets: dict[str, int], target_class: int | None,
+                       matmul_max_hw: int = 0):
 
     def module_apply(module_variables: Mapping, x: jax.Array) -> jax.Array:
         """Module output: `(N,)` class logit with a target class, else `(N, C)`."""
@@ -361,7 +365,8 @@ def _make_module_apply(graph: Graph, buckets: dict[str, int], target_class: int 
             raise ExtractError(f"module variables do not have the traced structure: got "
                                f"{treedef}, expected {plan.treedef}")
         vectors = {} if valid is None else {gid[n]: valid[n] for n in buckets}
-        out = graph_lib.evaluate(graph, plan, leaves, x, sizes=sizes, vectors=vectors)
+        out = graph_lib.evaluate(graph, plan, leaves, x, sizes=sizes, vectors=vectors,
+                                 matmul_max_hw=matmul_max_hw)
         if target_class is None:
             return out
         return out[:, 0] if plan.has_class else out[:, int(target_class)]
@@ -392,7 +397,8 @@ def _gather_leaves(graph: Graph, variables: Mapping, idx_by_name: Mapping[str, j
 
 
 def gather(graph: Graph, variables: Mapping, indices: Mapping[str, jax.Array],
-           valid: Mapping[str, jax.Array], target_class: int | None = None):
+           valid: Mapping[str, jax.Array], target_class: int | None = None, *,
+           matmul_max_hw: int = 0):
     """A padded module: B_s gathered channels per site, `valid` flags which are real.
 
     Args:
@@ -404,6 +410,9 @@ def gather(graph: Graph, variables: Mapping, indices: Mapping[str, jax.Array],
         used). May be traced (jit / vmap).
       valid: `{site: bool[B_s]}`, True for real entries, same keys.
       target_class: keep only this output column (then the module outputs `(N,)`).
+      matmul_max_hw: convs whose input maps are at most this size in every
+        spatial dimension run as one dense matmul (faster on CPU for 2x2 maps,
+        see `jaxsplit.search.fast_evaluate.conv_method`); 0: as traced.
 
     Returns:
       `(module_apply, module_variables)`: `module_variables` is `variables` with
@@ -432,7 +441,7 @@ def gather(graph: Graph, variables: Mapping, indices: Mapping[str, jax.Array],
     module_variables = dict(_gather_leaves(graph, variables, {n: indices[n] for n in reps},
                                            target_class))
     module_variables[VALID_KEY] = {n: jnp.asarray(valid[n]) for n in reps}
-    return _module_apply(graph, buckets, target_class), module_variables
+    return _module_apply(graph, buckets, target_class, matmul_max_hw), module_variables
 
 
 def _generic_host_mask(graph: Graph, mask: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -339,7 +339,7 @@ class _Ctx:
                  excluded: frozenset[int], batch: int, *, evaluate: bool = False,
                  sizes: Mapping[int, int] | None = None,
                  vectors: Mapping[int, jax.Array] | None = None,
-                 dense_sites: bool = False) -> None:
+                 dense_sites: bool = False, matmul_max_hw: int = 0) -> None:
         self.leaf_paths = leaf_paths
         self.leaf_labels = leaf_labels
         self.excluded = excluded
@@ -348,6 +348,7 @@ class _Ctx:
         self.sizes = dict(sizes or {})
         self.vectors = dict(vectors or {})
         self.dense_sites = dense_sites
+        self.matmul_max_hw = matmul_max_hw
         self.uf = _UnionFind()
         self.found: dict[tuple[int, int], Layout] = {}  # (leaf, axis) -> layout
         self.sites: dict[int, dict] = {}  # kernel leaf -> info, forward order
@@ -798,7 +799,59 @@ def _conv(eqn, infos, vals, ctx: _Ctx):
     if vals is None:
         return [out], None
     x = _masked(vals[0], l_in, lf, ctx) if groups == 1 else vals[0]
+    if groups == 1 and _small_map(eqn, x, ctx.matmul_max_hw):
+        y = _conv_as_matmul(eqn, x, vals[1])
+        want = ctx.new_size(out, out.lab)
+        if tuple(y.shape) != want:
+            raise GraphError(f"internal: conv as matmul gave shape {tuple(y.shape)}, "
+                             f"expected {want}")
+        return [out], [y]
     return [out], _bind(eqn, [x, vals[1]], ctx, [out], **override)
+
+
+def _small_map(eqn, x, max_hw: int) -> bool:
+    """Whether a conv runs as one matmul: every input spatial size <= `max_hw`, no dilation."""
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    return (max_hw > 0 and all(np.shape(x)[d] <= max_hw for d in dn.lhs_spec[2:])
+            and all(d == 1 for d in p["lhs_dilation"]) and all(d == 1 for d in p["rhs_dilation"]))
+
+
+def _conv_as_matmul(eqn, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The conv of a small map as one dense matmul `(N, P_in·C_in) @ (P_in·C_in, P_out·C_out)`.
+
+    Hand-written because XLA's CPU convolution runs 2x2 maps with hundreds of
+    channels ~50-100x below matmul speed (measured: see
+    `jaxsplit.search.fast_evaluate.conv_method`), and no library lowers a
+    conv this way. Block (p_in, p_out) of the matrix is the kernel tap that
+    joins the two positions under the conv's strides and padding, or zero;
+    for a 3x3 "SAME" conv on a 2x2 map every pair is joined, so no work is
+    wasted. Same numbers as the convolution up to float summation order.
+    """
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    nd = len(dn.lhs_spec) - 2
+    xs = jnp.transpose(x, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))  # (N, *S, Ci)
+    ws = jnp.transpose(w, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))  # (*K, Ci, Co)
+    s_in = xs.shape[1:-1]
+    ksz = ws.shape[:nd]
+    (out_aval,) = [v.aval for v in eqn.outvars]
+    s_out = tuple(out_aval.shape[d] for d in dn.out_spec[2:])
+    pos_in = np.stack(np.unravel_index(np.arange(math.prod(s_in)), s_in), -1)  # (P_in, nd)
+    pos_out = np.stack(np.unravel_index(np.arange(math.prod(s_out)), s_out), -1)
+    lo = np.asarray([pad[0] for pad in p["padding"]])
+    taps = pos_in[:, None, :] - pos_out[None, :, :] * np.asarray(p["window_strides"]) + lo
+    ok = np.all((taps >= 0) & (taps < np.asarray(ksz)), axis=-1)  # (P_in, P_out)
+    taps = np.where(ok[..., None], taps, 0)
+    blocks = ws[tuple(taps[..., j] for j in range(nd))]  # (P_in, P_out, Ci, Co)
+    blocks = blocks * jnp.asarray(ok, blocks.dtype)[:, :, None, None]
+    ci, co = ws.shape[-2:]
+    matrix = jnp.transpose(blocks, (0, 2, 1, 3)).reshape(len(pos_in) * ci, len(pos_out) * co)
+    y = lax.dot(xs.reshape(xs.shape[0], -1), matrix, precision=p.get("precision"),
+                preferred_element_type=p.get("preferred_element_type"))
+    y = y.reshape(xs.shape[0], *s_out, co)
+    order = [dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]]
+    return jnp.transpose(y, tuple(np.argsort(order)))
 
 
 def _dot(eqn, infos, vals, ctx: _Ctx):
@@ -1236,18 +1289,21 @@ def trace(apply_fn: Callable, variables: Mapping, example_x: jax.Array) -> Graph
 
 def evaluate(graph: Graph, plan: _Plan, leaves: Sequence[jax.Array], x: jax.Array, *,
              sizes: Mapping[int, int] | None = None,
-             vectors: Mapping[int, jax.Array] | None = None) -> jax.Array:
+             vectors: Mapping[int, jax.Array] | None = None,
+             matmul_max_hw: int = 0) -> jax.Array:
     """Re-evaluate the traced jaxpr on `leaves` (possibly gathered) and `x`.
 
     Args:
       sizes: group id -> channel count of every labelled axis (default: full).
       vectors: group id -> `(size,)` multiplier of consumer inputs (mask / valid).
+      matmul_max_hw: convs whose input spatial sizes are all <= this run as one
+        dense matmul (`_conv_as_matmul`); 0 (default): every conv as traced.
 
     Returns:
       the output `(N, C)` (or `(N, 1)` when the classifier group is sized 1).
     """
     ctx = _Ctx(graph.leaf_paths, plan.leaf_labels, plan.excluded, plan.batch, evaluate=True,
-               sizes=sizes, vectors=vectors)
+               sizes=sizes, vectors=vectors, matmul_max_hw=matmul_max_hw)
     ctx.root_of = dict(plan.root_of)
     infos = [_leaf_info(i, tuple(s.shape), plan.leaf_labels.get(i))
              for i, s in enumerate(jax.tree_util.tree_leaves(graph.leaf_shapes))]

@@ -194,3 +194,47 @@ def test_bad_inputs_are_named():
     idx = {n: jnp.arange(2) for n in graph.free_layers if n != "side"}
     with pytest.raises(E.ExtractError, match="side"):
         jaxsplit.gather(graph, variables, idx, idx)
+
+
+def test_small_maps_as_one_matmul_equal_the_convolution():
+    """`gather(..., matmul_max_hw=h)` runs convs on maps of at most h x h as one dense matmul
+    (the fast evaluator's CPU path): strides, SAME / VALID / explicit padding, 1x1 and 2x2
+    kernels, a channels-first lax conv, BatchNorm and a residual add give the same numbers."""
+    import flax.linen as nn
+    from jax import lax
+
+    class Small(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(6, (3, 3))(x))                              # 4x4, SAME
+            x = nn.Conv(8, (3, 3), strides=2)(x)                             # 4x4 -> 2x2
+            x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+            x = nn.relu(x + nn.Conv(8, (3, 3), padding=((2, 0), (0, 2)))(x))  # explicit pads
+            k = self.param("nchw", nn.initializers.lecun_normal(), (5, 8, 2, 2))  # OIHW
+            x = lax.conv_general_dilated(x.transpose(0, 3, 1, 2), k, (1, 1), "VALID",
+                                         dimension_numbers=("NCHW", "OIHW", "NCHW"))
+            x = nn.relu(x.transpose(0, 2, 3, 1))                             # 2x2 -> 1x1
+            x = nn.relu(nn.Conv(7, (1, 1))(x))
+            return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+    model = Small()
+    x = jax.random.normal(jax.random.key(0), (5, 4, 4, 2))
+    variables = model.init(jax.random.key(1), x)
+    variables = jax.tree_util.tree_map(
+        lambda v: v + 0.2 * jax.random.normal(jax.random.key(2), v.shape), variables)
+    graph = jaxsplit.trace(model.apply, variables, x)
+    rng = np.random.default_rng(3)
+    indices, valid = {}, {}
+    for n in graph.free_layers:
+        k = graph.num_kernels[n]
+        indices[n] = np.sort(rng.permutation(k)[:max(1, k - 2)]).astype(np.int32)
+        valid[n] = rng.random(indices[n].shape[0]) < 0.7
+        valid[n][0] = True
+    for target in (None, 1):
+        conv_fn, conv_vars = jaxsplit.extract.gather(graph, variables, indices, valid, target)
+        mm_fn, mm_vars = jaxsplit.extract.gather(graph, variables, indices, valid, target,
+                                                 matmul_max_hw=4)
+        want = np.asarray(jax.jit(conv_fn)(conv_vars, x))
+        assert np.abs(want).max() > 1e-2
+        np.testing.assert_allclose(np.asarray(jax.jit(mm_fn)(mm_vars, x)), want,
+                                   rtol=1e-5, atol=1e-5)

@@ -80,28 +80,28 @@ def test_matches_the_reference_backend(cases, name):
     for group in graph.ties:
         for other in group[1:]:
             np.testing.assert_array_equal(masks[other], masks[group[0]])
-    evaluate_fn = E.make_evaluator(graph, "fast", chunk_images=4, num_levels=3, cache_bytes=0)
+    evaluate_fn = E.make_evaluator(graph, "fast", chunk_images=4, num_buckets=3, cache_bytes=0)
     assert isinstance(evaluate_fn, FG.GraphFastEvaluator) and evaluate_fn.host_side
+    assert evaluate_fn.num_buckets == 3
     L = evaluate_fn(variables, masks, images, classes)
     assert L.shape == (C, P, N) and L.dtype == jnp.float32
     assert_close(L, ref)
     flat = {n: np.asarray(v).reshape(C * P, -1) for n, v in masks.items()}
-    plan = FG.plan_rows(graph, flat, evaluate_fn.levels)
+    plan = FG.plan_rows(graph, flat, evaluate_fn.num_buckets)
     # padded channels were run: some row's bucket holds more than its kept count
-    padded = [evaluate_fn.levels[lv][n] > plan.counts[n][m]
-              for m, lv in enumerate(plan.levels) for n in graph.free_layers]
-    assert any(padded)
-    assert evaluate_fn.num_traces == len(set(plan.levels.tolist())) <= 3  # one per level
+    assert any((plan.sizes[n] > plan.counts[n]).any() for n in graph.free_layers)
+    assert all((plan.sizes[n] >= plan.counts[n]).all() for n in graph.free_layers)
 
 
 def test_bucket_padding_is_exact(cases):
-    """Padding to any level gives the numbers of the unpadded extracted modules."""
+    """Padding to any bucket gives the numbers of the unpadded extracted modules; so do the
+    small-map matmul and the shared prefixes, which are on and off here."""
     graph, variables, masks, images, classes, ref = cases("inception_like")
-    full = FG.GraphFastEvaluator(graph, chunk_images=4, num_levels=1, cache_bytes=0)
-    assert full.levels == ({n: graph.num_kernels[n] for n in graph.free_layers},)
-    L_full = np.asarray(full(variables, masks, images, classes))
-    fine = np.asarray(FG.GraphFastEvaluator(graph, chunk_images=8, num_levels=16,
-                                            cache_bytes=0)(variables, masks, images, classes))
+    whole = FG.GraphFastEvaluator(graph, chunk_images=4, num_buckets=1, cache_bytes=0,
+                                  matmul_max_hw=0, prefix_bytes=0)  # every site at full width
+    L_full = np.asarray(whole(variables, masks, images, classes))
+    fine = np.asarray(FG.GraphFastEvaluator(graph, chunk_images=8, num_buckets=64, cache_bytes=0,
+                                            matmul_max_hw=8)(variables, masks, images, classes))
     for c in range(C):
         for i in range(P):
             mask = {n: np.asarray(v[c, i]) for n, v in masks.items()}
@@ -112,44 +112,103 @@ def test_bucket_padding_is_exact(cases):
     assert_close(L_full, ref)
 
 
-def test_levels_and_plan():
-    _, variables, x = inception_like()
-    graph = jaxsplit.trace(inception_like()[0].apply, variables, x)
-    # stem 4, branch1x1 3, branch3x3 5, mix 4, side 2 kernels: 8-aligned steps, whole sites
-    assert FG.level_sizes(graph, 8) == ({n: graph.num_kernels[n] for n in graph.free_layers},)
-
-    class Wide:  # the duck API level_sizes reads
+def test_plan_rows():
+    class Wide:  # the duck API plan_rows reads
         free_layers = ("a", "b")
         num_kernels = {"a": 64, "b": 20}
 
-    levels = FG.level_sizes(Wide, 8)
-    assert [lv["a"] for lv in levels] == [8, 16, 24, 32, 40, 48, 56, 64]
-    assert [lv["b"] for lv in levels] == [8, 8, 8, 16, 16, 16, 20, 20]
     masks = {"a": np.zeros((3, 64), bool), "b": np.zeros((3, 20), bool)}
-    masks["a"][0, [5, 1]] = True   # counts (2, 9): b needs 16 -> level 3 (index 3)
+    masks["a"][0, [5, 1]] = True   # counts (2, 9)
     masks["b"][0, :9] = True
-    masks["a"][1, :33] = True      # counts (33, 1): a needs 40 -> index 4
+    masks["a"][1, :33] = True      # counts (33, 1)
     masks["b"][1, 19] = True
     masks["a"][2] = True           # counts (64, 20): the full model
     masks["b"][2] = True
-    plan = FG.plan_rows(Wide, masks, levels)
-    np.testing.assert_array_equal(plan.levels, [3, 4, 7])
+    plan = FG.plan_rows(Wide, masks, num_buckets=8)
+    # a: step 8; b: ceil(20 / 8) = 3 -> 8-aligned step 8, at most 20
+    np.testing.assert_array_equal(plan.sizes["a"], [8, 40, 64])
+    np.testing.assert_array_equal(plan.sizes["b"], [16, 8, 20])
     np.testing.assert_array_equal(plan.indices["a"][0, :2], [1, 5])  # kept ascending first
     assert plan.indices["b"][1, 0] == 19 and plan.counts["b"].tolist() == [9, 1, 20]
 
 
+def test_segments_compile_per_site_not_per_module():
+    """One segment per site; a segment's compiled shapes follow only its own groups' buckets,
+    so modules that differ in one site's bucket recompile only the segments touching it."""
+    from jaxsplit import segments as S
+
+    model, variables, x = convnet(simcnn, 0.05)
+    graph = jaxsplit.trace(model.apply, variables, jnp.zeros((4, *x.shape[1:]), x.dtype))
+    segs = S.segment(graph, (4, *x.shape[1:]), x.dtype)
+    assert len(segs.segments) == len(graph.names)  # one per conv site
+    gid = graph.group_of(segs.plan)
+    first, last = segs.segments[0], segs.segments[-1]
+    assert first.groups == (gid[graph.names[0]],)  # image channels are not a group
+    assert set(last.groups) == {gid[graph.names[-2]], gid[graph.names[-1]], S.CLASS_GID}
+    evaluate_fn = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0, num_workers=1,
+                                        prefix_bytes=0)
+    images = jax.random.normal(jax.random.key(0), (4, *graph.input_shape))
+    base = {n: np.ones((1, 1, k), bool) for n, k in graph.num_kernels.items()}
+    evaluate_fn(variables, base, images, jnp.asarray([0]))
+    before = evaluate_fn.num_compiles
+    assert before == len(graph.names)
+    narrow = dict(base)
+    k = graph.num_kernels[graph.names[5]]
+    narrow[graph.names[5]] = np.arange(k)[None, None] < 1  # one bucket smaller at site 5 only
+    L = np.asarray(evaluate_fn(variables, narrow, images, jnp.asarray([0])))
+    assert evaluate_fn.num_compiles - before == 2  # segment 5 (its output) and 6 (its input)
+    ref = E.ReferenceEvaluator(graph, jaxsplit.masked_apply(graph))(
+        variables, {n: jnp.asarray(v) for n, v in narrow.items()}, images, jnp.asarray([0]))
+    assert_close(L, np.asarray(ref))
+
+
+def test_rows_share_the_segments_they_compute_alike(cases):
+    """Rows that keep the same kernels in the first sites (a GA's sensitive layers) compute
+    those segments once per call; the numbers equal the unshared ones and the reference's."""
+    graph, variables, masks, images, classes, ref = cases("resnet")
+    first = graph.free_layers[0]
+    same = {n: np.asarray(v).copy() for n, v in masks.items()}
+    same[first][:] = True  # every row keeps the whole first site (and its tied sites)
+    for group in graph.ties:
+        for n in group[1:]:
+            same[n] = same[group[0]]
+    shared = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0)
+    alone = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0, prefix_bytes=0)
+    segs_rows = []
+    orig = FG.shared_prefixes
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        segs_rows.append(out)
+        return out
+
+    FG.shared_prefixes = spy
+    try:
+        L_shared = np.asarray(shared(variables, same, images, classes))
+    finally:
+        FG.shared_prefixes = orig
+    (depth, prefix_of), = segs_rows
+    assert min(depth) >= 0  # every row reuses at least the first segment of another
+    assert 1 <= len(prefix_of) < C * P
+    L_alone = np.asarray(alone(variables, same, images, classes))
+    np.testing.assert_allclose(L_shared, L_alone, rtol=1e-6, atol=1e-6)
+    want = E.ReferenceEvaluator(graph, jaxsplit.masked_apply(graph), chunk_individuals=4,
+                                chunk_images=4)(variables, same, images, classes)
+    assert_close(L_shared, np.asarray(want))
+
+
 def test_row_cache_returns_identical_rows(cases):
     graph, variables, masks, images, classes, ref = cases("resnet_like")
-    evaluate_fn = FG.GraphFastEvaluator(graph, chunk_images=4, num_levels=3)
+    evaluate_fn = FG.GraphFastEvaluator(graph, chunk_images=4, num_buckets=3)
     first = np.asarray(evaluate_fn(variables, masks, images, classes))
     assert evaluate_fn.cache_stats == {"misses": C * P, "hits": 0}
-    traces = evaluate_fn.num_traces
+    compiles = evaluate_fn.num_compiles
     # the next "generation": the same modules in another order
     perm = np.array([2, 0, 1])
     again = np.asarray(evaluate_fn(variables, {n: v[:, perm] for n, v in masks.items()}, images,
                                    classes))
     assert evaluate_fn.cache_stats == {"misses": C * P, "hits": C * P}
-    assert evaluate_fn.num_traces == traces  # nothing ran
+    assert evaluate_fn.num_compiles == compiles  # nothing new ran
     np.testing.assert_array_equal(again, first[:, perm])
     # other BatchNorm statistics: other rows, nothing reused
     other = {**variables, "batch_stats": jax.tree_util.tree_map(lambda v: v * 1.5 + 0.1,
@@ -165,8 +224,9 @@ def test_row_cache_returns_identical_rows(cases):
 def test_under_jit_falls_back_to_the_reference(cases):
     graph, variables, masks, images, classes, ref = cases("inception_like")
     evaluate_fn = FG.GraphFastEvaluator(graph, chunk_images=4)
+    before = evaluate_fn.num_compiles  # the graph's segments, compiled by the other tests
     assert_close(jax.jit(evaluate_fn)(variables, masks, images, classes), ref)
-    assert evaluate_fn.num_traces == 0  # no host plan under jit
+    assert evaluate_fn.num_compiles == before  # no host plan under jit
 
 
 def test_bad_inputs_are_named(cases):
@@ -186,8 +246,9 @@ def test_bad_inputs_are_named(cases):
     bad["params"]["mix"]["kernel"] = bad["params"]["mix"]["kernel"][..., :2]
     with pytest.raises(jaxsplit.masks.MaskError, match=r"params/mix/kernel.*\(3, 3, 8, 4\)"):
         evaluate_fn(bad, masks, images, classes)
-    for option in ({"chunk_images": 0}, {"num_levels": 0}, {"num_workers": 1.5},
-                   {"cache_bytes": -1}, {"chunk_individuals": True}):
+    for option in ({"chunk_images": 0}, {"num_buckets": 0}, {"num_workers": 1.5},
+                   {"cache_bytes": -1}, {"chunk_individuals": True}, {"matmul_max_hw": -1},
+                   {"prefix_bytes": -2}):
         with pytest.raises(E.EvaluatorInputError, match=next(iter(option))):
             FG.GraphFastEvaluator(graph, **option)
     with pytest.raises(E.EvaluatorInputError, match="got dict"):

@@ -368,8 +368,9 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
       chunk_individuals: masks evaluated together (bounds peak memory).
       chunk_images: images evaluated together (bounds peak memory).
       **fast_options: more options of `make_fast_evaluator` (`share_first_conv`,
-        `cache_bytes`, ...), of `make_graph_fast_evaluator` (`num_levels`,
-        `num_workers`, `cache_bytes`) or of `make_device_evaluator`
+        `cache_bytes`, ...), of `make_graph_fast_evaluator` (`num_buckets`,
+        `num_workers`, `cache_bytes`, `matmul_max_hw`, `prefix_bytes`) or of
+        `make_device_evaluator`
         (`compute_dtype`, `num_levels`); each backend takes its own and ignores
         the others ("reference" ignores all).
 
@@ -399,7 +400,8 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
                 f"graph (jaxsplit.trace), got {type(target).__name__}")
         from jaxsplit.search import fast_graph  # late: it imports this module
 
-        graph_keys = ("num_levels", "num_workers", "cache_bytes")
+        graph_keys = ("num_buckets", "num_workers", "cache_bytes", "matmul_max_hw",
+                      "prefix_bytes")
         return fast_graph.make_graph_fast_evaluator(
             target, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
             **{k: v for k, v in fast_options.items() if k in graph_keys})

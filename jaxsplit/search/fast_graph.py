@@ -1,57 +1,63 @@
-"""The "fast" population evaluator for any traced model, built on `jaxsplit.extract.gather`.
+"""The "fast" population evaluator for any traced model: FLOPs on kept kernels only.
 
 Same contract as `jaxsplit.search.evaluate` (the `Evaluator` protocol):
 
     evaluate_fn(variables, masks, images, classes) -> L (C, P, N) float32
     L[c, i, n] = logit classes[c] of the model masked with masks[c, i] on image n.
 
-`jaxsplit.search.fast_evaluate.FastEvaluator` is tuned for jaxsplit's own
-`ConvNet` (per-block jitted calls, a shared first conv); this evaluator
-takes the same ideas to any model `jaxsplit.trace` accepts (BatchNorm
-ResNets, VGGs, concats, your own flax Module), with the generic padded
-extraction `jaxsplit.extract.gather(graph, variables, indices, valid)`:
+Why another backend: the reference backend (activation masking, shared
+weights, `vmap` over individuals) spends the full model's FLOPs on every
+module, although a module keeping a fraction f of every layer's kernels
+needs about f² of them (docs/method.md §7: a masked kernel is a removed
+kernel), and `vmap` turns its convolutions into per-individual grouped
+convolutions, which XLA's CPU backend runs far below matmul speed. This
+backend does what CNNSplitter's PyTorch loop does, for any model
+`jaxsplit.trace` accepts (SimCNN, ResCNN, BatchNorm ResNets, VGGs, concats,
+your own flax Module): it builds each module physically and runs the images
+through it, with shapes kept static for XLA.
 
 * **Plan (host, numpy; `plan_rows`).** The C·P mask rows are flattened.
-  Level j = 1..J (J = `num_levels`) gives every free (representative) site s
-  of K_s kernels the bucket size `B_s(j)` = `ceil(j·K_s / J)` rounded up to
-  `fast_evaluate.bucket_step(K_s, J)` (a multiple of 8), at most K_s
-  (`level_sizes`). A row's level is the smallest j whose buckets hold the
-  kept count of every site. Its indices at site s are the kept kernels
-  ascending, then the dropped ones (padding, `valid` False), cut to B_s(j).
-  Tied sites use the representative's mask, as `masks.masked_apply` and
-  `gather` do (the search keeps tied masks equal).
-  Why one level per row and not one bucket per site (as the ConvNet
-  backend does): the ConvNet backend compiles one small function per conv
-  block, so per-site buckets give few shapes per function; here a module
-  is one function of the whole traced graph, compiled once per bucket
-  tuple, and per-site buckets make nearly every row a new tuple (a new
-  compile of the whole model: ~1.5 s for SimCNN width 0.25 on 2 loaded
-  cores, against ~0.5 s to run the row on 1000 images). Levels bound the
-  compiles at J for the whole search, at the cost of running a row at the
-  level of its fullest site. Measured (same SimCNN, 16 rows x 1000 images,
-  50% kept, interleaved runs): J = 2, 4, 8, 16 gave 1,240, 2,680, 2,880,
-  3,020 solution·images/s; 8 is the default (16 doubles the compiles for 5%).
-* **Run (jitted per level and image-chunk shape; `GraphFastEvaluator`).**
-  For one row: `gather` its module (the kept kernels' weights and their
-  carriers / consumers, B_s channels per site), then the module on every
-  image chunk (`lax.map`), taking logit `classes[c]`. Padded channels are
-  multiplied by `valid = False` at every consumer, so they contribute exactly
-  zero: a row's numbers are the unpadded extracted module's (up to float
-  summation order), and do not depend on the other rows of the call.
-  FLOPs per row: about `f²` of the full model's at a kept fraction f.
-* **Members one after another, on `num_workers` threads.** Every row is
-  its own jitted call (no padding of groups, plain convolutions). A `vmap`
-  over a group's rows would turn the convolutions into grouped ones, which
-  XLA's CPU backend runs slowly: measured on 2 shared cores (SimCNN width
-  0.25, 32x32x3, 50% kept, 8 rows at one level x 256 images, one thread) a
-  jitted `vmap` over the 8 rows took 5.0 s, 8 sequential jitted calls of the
-  same modules 1.8 s (2.8x). XLA runs a
-  convolution with few channels on one core, so threads run rows
-  concurrently (results do not depend on the thread count).
+  For every row and free (representative) site s of K_s kernels: the kept
+  kernels ascending, then the dropped ones as padding, cut to the bucket
+  `B_s = fast_evaluate.bucket_size(count, K_s, num_buckets)` (a multiple of
+  `bucket_step`, 8-aligned: at most `num_buckets` sizes per site). Tied
+  sites use the representative's mask, as `masks.masked_apply` does (the
+  search keeps tied masks equal).
+* **Extract and run, segment by segment (`jaxsplit.segments`).** The traced
+  model is cut into one segment per site (its conv and what follows up to
+  the next site's conv: bias, BatchNorm, activation, pooling, residual add);
+  each segment is compiled for the bucket sizes of the channel groups it
+  touches only, typically its (B_in, B_out). Per row, each segment gathers
+  its kept weights (conv kernels on both sides, carriers, Dense rows, the
+  classifier's column `classes[c]`), then the image chunks run through the
+  segments. Padded channels are multiplied by `valid = False` at every
+  consumer, so they contribute exactly zero: a row's numbers are the
+  unpadded extracted module's (up to float summation order) and do not
+  depend on the other rows of the call.
+  Why segments and not one function of the whole model per module shape:
+  rows differ in their buckets at some site almost always, and each new
+  tuple of buckets would compile the whole model again (~1.5 s for SimCNN
+  width 0.25 on 2 cores, against ~0.5 s to run the row on 1000 images);
+  per segment, the distinct (B_in, B_out) pairs are few and each compiles in
+  tens of milliseconds. FLOPs per row: about `f²` of the full model's at a
+  kept fraction f, plus the bucket rounding.
+* **Small maps as one matmul.** Convs whose input maps are at most
+  `matmul_max_hw` (default `fast_evaluate.DENSE_MAX_HW` = 2) in every
+  spatial dimension run as one dense matmul (`graph._conv_as_matmul`): XLA's
+  CPU convolution runs 2x2 maps with hundreds of channels ~50-100x below
+  matmul speed (`fast_evaluate.conv_method`). Measured on full-width SimCNN
+  (2 cores, 8 rows x 256 images, 50% kept): 5x faster rows.
+* **Members one after another, on `num_workers` threads.** Every row is its
+  own sequence of jitted calls (no `vmap` over rows: that would turn the
+  convolutions into grouped ones; measured on 2 shared cores, SimCNN width
+  0.25, 8 rows x 256 images, a jitted `vmap` over the rows took 5.0 s, 8
+  sequential calls 1.8 s). XLA runs a convolution with few channels on one
+  core, so threads run rows concurrently (results do not depend on the
+  thread count).
 
-Rows are cached as in the ConvNet backend (`fast_evaluate.RowCache`, keyed
-on (class, mask bits) and the identity of the variables and image arrays):
-a GA population repeats individuals (kept parents, the hall of fame).
+Rows are cached (`fast_evaluate.RowCache`, keyed on (class, mask bits) and
+the identity of the variables and image arrays): a GA population repeats
+individuals (kept parents, the hall of fame).
 
 Under an outer `jit` (masks are tracers, no host plan) the evaluator runs
 the reference backend's computation (`ReferenceEvaluator` over
@@ -59,25 +65,23 @@ the reference backend's computation (`ReferenceEvaluator` over
 driver calls it outside its jit.
 
 Peak memory (float32): variables + images + L + the row cache + per running
-row (`num_workers` at once) its gathered module (≤ variables) and about 3
+row (`num_workers` at once) its gathered weights (≤ variables) and about 3
 of its largest activations of one image chunk (n ≤ chunk_images images).
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import extract as extract_lib
 from jaxsplit import masks as masks_lib
+from jaxsplit import segments as segments_lib
+from jaxsplit.graph import CLASS_GID
 from jaxsplit.search.evaluate import (
     EvaluatorInputError,
     ReferenceEvaluator,
@@ -87,36 +91,15 @@ from jaxsplit.search.evaluate import (
 )
 from jaxsplit.search.fast_evaluate import (
     DEFAULT_CACHE_BYTES,
+    DEFAULT_NUM_BUCKETS,
+    DENSE_MAX_HW,
     RowCache,
-    bucket_step,
+    bucket_size,
     default_num_workers,
     padded_images,
 )
 
-DEFAULT_NUM_LEVELS = 8
-
-
-def level_sizes(graph: Any, num_levels: int) -> tuple[dict[str, int], ...]:
-    """`{free site: B_s(j)}` for the levels j = 1..num_levels (repeats dropped).
-
-    `B_s(j)` = `ceil(j·K_s / num_levels)` rounded up to a multiple of
-    `fast_evaluate.bucket_step(K_s, num_levels)`, at most K_s: level j keeps
-    about the fraction j / num_levels of every site; the last level is the
-    full model.
-
-    Example: K = 64, 8 levels: step 8, sizes 8, 16, ..., 64. K = 6: step 6,
-    the full site at every level.
-    """
-    out = []
-    for j in range(1, num_levels + 1):
-        sizes = {}
-        for name in graph.free_layers:
-            k = int(graph.num_kernels[name])
-            step = bucket_step(k, num_levels)
-            sizes[name] = min(k, -(-(-(-j * k // num_levels)) // step) * step)
-        if not out or sizes != out[-1]:
-            out.append(sizes)
-    return tuple(out)
+DEFAULT_PREFIX_BYTES = 512 * 2**20
 
 
 @chex.dataclass(frozen=True)
@@ -124,44 +107,37 @@ class RowPlan:
     """The host plan of M mask rows (numpy).
 
     Attributes:
-      levels: `(M,)` int64, each row's index into `level_sizes`.
+      sizes: `{free site: (M,)}` int64 bucket sizes B_s.
       indices: `{free site: (M, K_s)}` int32, the kept kernels ascending, then
-        the dropped ones; a row at level j uses the first `B_s(j)`.
+        the dropped ones; a row uses the first `B_s`.
       counts: `{free site: (M,)}` int64 kept kernels.
     """
 
-    levels: np.ndarray
+    sizes: dict
     indices: dict
     counts: dict
 
 
 def plan_rows(graph: Any, flat_masks: Mapping[str, np.ndarray],
-              levels: tuple[dict[str, int], ...]) -> RowPlan:
-    """Each row's level and indices (host side).
+              num_buckets: int = DEFAULT_NUM_BUCKETS) -> RowPlan:
+    """Each row's bucket sizes and indices (host side).
 
     Args:
       graph: the traced kernel graph.
       flat_masks: `{site: bool (M, K_s)}` (concrete; only the free sites are read).
-      levels: `level_sizes(graph, J)`.
+      num_buckets: bucket sizes per site (`fast_evaluate.bucket_size`).
 
     Returns:
       a `RowPlan`.
     """
-    num_rows = None
-    level = None
-    indices, counts = {}, {}
+    sizes, indices, counts = {}, {}, {}
     for name in graph.free_layers:
         m = np.asarray(flat_masks[name], bool)
-        num_rows = m.shape[0]
         count = m.sum(axis=1).astype(np.int64)
         indices[name] = np.argsort(~m, axis=1, kind="stable").astype(np.int32)
         counts[name] = count
-        sizes = np.asarray([lv[name] for lv in levels])  # non-decreasing
-        lv = (sizes[None, :] < count[:, None]).sum(axis=1)
-        level = lv if level is None else np.maximum(level, lv)
-    level = np.minimum(level, len(levels) - 1).astype(np.int64)
-    assert level.shape == (num_rows,)
-    return RowPlan(levels=level, indices=indices, counts=counts)
+        sizes[name] = bucket_size(count, int(graph.num_kernels[name]), num_buckets)
+    return RowPlan(sizes=sizes, indices=indices, counts=counts)
 
 
 class GraphFastEvaluator(RowCache):
@@ -171,19 +147,20 @@ class GraphFastEvaluator(RowCache):
       graph: the kernel graph (`jaxsplit.trace`).
       chunk_individuals: rows per chunk of the traced fallback (under `jit`).
       chunk_images: images run through a module at once (bounds memory).
-      num_levels: bucket levels (at most this many compiled module shapes
-        per image-chunk shape).
-      levels: `level_sizes(graph, num_levels)`.
+      num_buckets: bucket sizes per site (`fast_evaluate.bucket_size`).
+      matmul_max_hw: convs on maps of at most this size run as one matmul.
+      prefix_bytes: memory for the first segments' outputs that rows share
+        (`shared_prefixes`); 0 turns the sharing off.
       num_workers: threads running rows concurrently.
-      trace_counts: `Counter` of traces per level (one per new shape; tests).
       host_side: True: call it outside `jit` for its speed.
     """
 
     host_side = True
 
     def __init__(self, graph: Any, *, chunk_individuals: int = 16, chunk_images: int = 1000,
-                 num_levels: int = DEFAULT_NUM_LEVELS, num_workers: int | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES):
+                 num_buckets: int = DEFAULT_NUM_BUCKETS, num_workers: int | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, matmul_max_hw: int = DENSE_MAX_HW,
+                 prefix_bytes: int = DEFAULT_PREFIX_BYTES):
         from jaxsplit.graph import Graph  # late: keeps this module light to import
 
         if not isinstance(graph, Graph):
@@ -192,31 +169,35 @@ class GraphFastEvaluator(RowCache):
                 f"{type(graph).__name__}")
         if num_workers is None:
             num_workers = default_num_workers()
-        for name, value in (("chunk_individuals", chunk_individuals),
-                            ("chunk_images", chunk_images), ("num_levels", num_levels),
-                            ("num_workers", num_workers)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise EvaluatorInputError(f"{name} must be an int >= 1, got {value!r}")
+        for name, value, low in (("chunk_individuals", chunk_individuals, 1),
+                                 ("chunk_images", chunk_images, 1),
+                                 ("num_buckets", num_buckets, 1), ("num_workers", num_workers, 1),
+                                 ("matmul_max_hw", matmul_max_hw, 0),
+                                 ("prefix_bytes", prefix_bytes, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise EvaluatorInputError(f"{name} must be an int >= {low}, got {value!r}")
         self.graph = graph
         self.target = graph
         self._init_row_cache(cache_bytes, graph.names)
         self.chunk_individuals = int(chunk_individuals)
         self.chunk_images = int(chunk_images)
-        self.num_levels = int(num_levels)
+        self.num_buckets = int(num_buckets)
         self.num_workers = int(num_workers)
-        self.levels = level_sizes(graph, self.num_levels)
-        self.trace_counts: collections.Counter = collections.Counter()
-        self._trace_lock = threading.Lock()  # traces (graph caches) one at a time
-        self._run = jax.jit(self._run_row)
-        self._compiled: set = set()  # (level, image chunks shape) already run once
+        self.matmul_max_hw = int(matmul_max_hw)
+        self.prefix_bytes = int(prefix_bytes)
         self._reference = ReferenceEvaluator(graph, masks_lib.masked_apply(graph),
                                              chunk_individuals=chunk_individuals,
                                              chunk_images=chunk_images)
 
     @property
-    def num_traces(self) -> int:
-        """Traces of the jitted row function so far."""
-        return sum(self.trace_counts.values())
+    def num_compiles(self) -> int:
+        """Compiled (segment, channel counts, chunk shape) functions so far, over all calls."""
+        total = 0
+        for value in self.graph._modules.values():
+            if isinstance(value, segments_lib.Segmented) and \
+                    value.matmul_max_hw == self.matmul_max_hw:
+                total += sum(f._cache_size() for f in value._run_fns)
+        return total
 
     def __call__(self, variables: Mapping, masks: Mapping[str, jax.Array], images: jax.Array,
                  classes: jax.Array) -> jax.Array:
@@ -229,61 +210,141 @@ class GraphFastEvaluator(RowCache):
         masks_lib._check_variables(self.graph, variables, masks_lib._any_plan(self.graph))
         return self._evaluate_rows(variables, masks, images, classes, num_rows, num_individuals)
 
-    def _run_row(self, variables, indices, valid, cls, image_chunks) -> jax.Array:
-        """One row: gather its module, run it on every image chunk -> `(num_chunks * n,)`."""
-        with self._trace_lock:
-            self.trace_counts[tuple(indices[n].shape[0] for n in self.graph.free_layers)] += 1
-            module_apply, module_variables = extract_lib.gather(self.graph, variables, indices,
-                                                                valid)
-
-            def one_chunk(x):
-                return jnp.take(module_apply(module_variables, x), cls, axis=1)
-
-            out = jax.lax.map(one_chunk, image_chunks)  # traces the graph here
-        return out.reshape(-1)
-
     def _evaluate_host(self, variables, flat_masks, images, row_class) -> np.ndarray:
-        """`(M, N)` logits: one jitted call per row, at its level, on worker threads."""
-        plan = plan_rows(self.graph, flat_masks, self.levels)
+        """`(M, N)` logits: each row's module, segment by segment, on worker threads."""
+        plan = plan_rows(self.graph, flat_masks, self.num_buckets)
         total = int(row_class.shape[0])
         num_images = int(images.shape[0])
         x, num_chunks, chunk = padded_images(images, self.chunk_images)
-        padded = num_chunks * chunk
-        image_chunks = x.reshape(num_chunks, chunk, *x.shape[1:])
-        variables = jax.device_put(variables)
+        x = jax.device_put(x)
+        chunks = [x[i * chunk:(i + 1) * chunk] for i in range(num_chunks)]
+        segs = segments_lib.segment(self.graph, (chunk, *x.shape[1:]), x.dtype,
+                                    matmul_max_hw=self.matmul_max_hw)
+        leaves = [np.asarray(v) for v in jax.tree_util.tree_leaves(variables)]
+        gid = self.graph.group_of(segs.plan)
         free = self.graph.free_layers
+        has_class = segs.plan.has_class
+        x_var = segs.plan.closed.jaxpr.invars[-1]
+        num_segments = len(segs.segments)
+
+        def row_inputs(m):
+            sizes, idx, valid = {}, {}, {}
+            for n in free:
+                g, b = gid[n], int(plan.sizes[n][m])
+                sizes[g], idx[g] = b, plan.indices[n][m, :b]
+                valid[g] = np.arange(b) < plan.counts[n][m]
+            if has_class:
+                sizes[CLASS_GID], idx[CLASS_GID] = 1, np.asarray([row_class[m]], np.int32)
+            return sizes, idx, valid
+
+        def run_segments(m, first, stop, envs):
+            """Segments [first, stop) of row m on every chunk's env (updated in place)."""
+            sizes, idx, valid = row_inputs(m)
+            for k in range(first, stop):
+                seg = segs.segments[k]
+                gathered = segs.gather(k, sizes, leaves, idx)
+                for env in envs:
+                    vals = segs.run(k, sizes, gathered, valid, [env[v] for v in seg.live_in])
+                    env.update(zip(seg.live_out, vals))
+
+        # rows whose first segments gather the same weights compute them once (a GA's
+        # sensitive layers keep every kernel in every row); see `shared_prefixes`
+        depth, prefix_of = shared_prefixes(segs, [row_inputs(m) for m in range(total)],
+                                           chunk_rows=num_chunks, budget=self.prefix_bytes)
+        prefixes: dict = {}
+
+        def compute_prefix(key):
+            m, d = prefix_of[key]
+            envs = [{x_var: c} for c in chunks]
+            run_segments(m, 0, d + 1, envs)
+            keep = segs.live_after[d]
+            return key, [{v: env[v] for v in keep} for env in envs]
 
         def run(m):
-            sizes = self.levels[int(plan.levels[m])]
-            idx = {n: plan.indices[n][m, :sizes[n]] for n in free}
-            val = {n: np.arange(sizes[n]) < plan.counts[n][m] for n in free}
-            return np.asarray(self._run(variables, idx, val, np.int32(row_class[m]),
-                                        image_chunks))
+            d = depth[m]
+            if d >= 0:
+                envs = [dict(env) for env in prefixes[prefix_key(segs, row_inputs(m), d)]]
+            else:
+                envs = [{x_var: c} for c in chunks]
+            run_segments(m, d + 1, num_segments, envs)
+            out = np.concatenate([np.asarray(env[segs.out_var]) for env in envs], axis=0)
+            return out[:, 0] if has_class else out[:, int(row_class[m])]
 
-        out = np.empty((total, padded), np.float32)
-        rest = []
-        for m in np.argsort(plan.levels, kind="stable"):  # one level's rows together
-            key = (int(plan.levels[m]), tuple(image_chunks.shape))
-            if key in self._compiled:
-                rest.append(m)
-            else:  # the first row of a new shape compiles it, here, once (not on two threads)
-                out[m] = run(m)
-                self._compiled.add(key)
+        out = np.empty((total, num_chunks * chunk), np.float32)
+        # rows with equal buckets one after another: a new shape compiles once, on one thread
+        order = np.lexsort([plan.sizes[n] for n in free][::-1])
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
-            for m, row in zip(rest, pool.map(run, rest)):
+            for key, envs in pool.map(compute_prefix, list(prefix_of)):
+                prefixes[key] = envs
+            for m, row in zip(order, pool.map(run, order)):
                 out[m] = row
         return out[:, :num_images]
 
 
+def prefix_key(segs: segments_lib.Segmented, row: tuple, depth: int) -> bytes:
+    """What segments 0..depth of a row compute from: its channels and flags at their groups."""
+    sizes, idx, valid = row
+    groups = sorted({g for seg in segs.segments[:depth + 1] for g in seg.groups if g in sizes})
+    return b"|".join(b"%d:" % g + np.asarray(idx[g], np.int32).tobytes()
+                     + np.asarray(valid.get(g, ()), bool).tobytes() for g in groups)
+
+
+def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int,
+                    budget: int) -> tuple[list[int], dict]:
+    """For every row, the deepest segment whose outputs another row of the call shares.
+
+    Rows that gather the same channels at every group of segments 0..d
+    compute the same values there (on the same images), so those are
+    computed once per call and kept (for all image chunks) while the rows
+    run. Deepest shared prefixes first, each kept only while the kept values
+    fit in `budget` bytes.
+
+    Returns:
+      `(depth, prefix_of)`: `depth[m]` is -1 (nothing shared) or the last
+      shared segment d; `prefix_of[key] = (first row, d)` for the prefixes to
+      compute, `key = prefix_key(segs, rows[m], d)`.
+    """
+    num = len(segs.segments)
+    depth = [-1] * len(rows)
+    if num < 2 or len(rows) < 2:
+        return depth, {}
+    counts: dict = {}
+    keys = []
+    for row in rows:
+        row_keys = [prefix_key(segs, row, d) for d in range(num - 1)]
+        keys.append(row_keys)
+        for d, k in enumerate(row_keys):
+            counts[(d, k)] = counts.get((d, k), 0) + 1
+    prefix_of: dict = {}
+    used = 0
+    for m, row in enumerate(rows):
+        for d in range(num - 2, -1, -1):
+            k = keys[m][d]
+            if counts[(d, k)] < 2:
+                continue
+            if k in prefix_of and prefix_of[k][1] == d:
+                depth[m] = d
+                break
+            size = segs.live_bytes(d, row[0]) * chunk_rows
+            if used + size <= budget:
+                used += size
+                prefix_of[k] = (m, d)
+                depth[m] = d
+                break
+    return depth, prefix_of
+
+
 def make_graph_fast_evaluator(graph: Any, *, chunk_individuals: int = 16,
-                              chunk_images: int = 1000, num_levels: int = DEFAULT_NUM_LEVELS,
+                              chunk_images: int = 1000, num_buckets: int = DEFAULT_NUM_BUCKETS,
                               num_workers: int | None = None,
                               cache_bytes: int = DEFAULT_CACHE_BYTES,
+                              matmul_max_hw: int = DENSE_MAX_HW,
                               **unused_options) -> GraphFastEvaluator:
     """A `GraphFastEvaluator` (what `make_evaluator(graph, "fast")` returns for a model that is
     not a `ConvNet`). The ConvNet backend's own options (`share_first_conv`, `num_buckets`)
     do not apply and are ignored."""
     del unused_options
     return GraphFastEvaluator(graph, chunk_individuals=chunk_individuals,
-                              chunk_images=chunk_images, num_levels=num_levels,
-                              num_workers=num_workers, cache_bytes=cache_bytes)
+                              chunk_images=chunk_images, num_buckets=num_buckets,
+                              num_workers=num_workers, cache_bytes=cache_bytes,
+                              matmul_max_hw=matmul_max_hw)

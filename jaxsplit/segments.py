@@ -1,0 +1,302 @@
+"""A traced model cut into per-site segments, each compiled for its own channel counts.
+
+`jaxsplit.extract.gather` re-evaluates the whole traced jaxpr with every
+site's channel count (bucket) as a static shape, so one compiled function
+serves only modules whose buckets agree at *every* site: two modules that
+differ in one layer's bucket compile the whole model again. A population
+evaluator (`jaxsplit.search.fast_graph`) runs thousands of modules whose
+kept counts differ per layer, so it cuts the model's top-level equations
+into *segments*, one starting at every site's convolution (the first one
+also holds whatever comes before the first site), and compiles each segment
+for the channel counts of the groups it touches only (typically its input
+and output channels: a conv block's (B_in, B_out)). The number of compiles
+is then about the sum over segments of their distinct bucket pairs, not the
+product over sites; this is what the tuned per-block calls of a hand-written
+evaluator do, derived here from the traced graph of any model.
+
+Each segment has
+
+* `gather(k, sizes, leaves, indices)`: its variables leaves, gathered along
+  every channel-labelled axis (`jaxsplit.extract.gather`'s rule) on the host
+  — once per module;
+* `run(k, sizes, gathered, valid, live)`: its equations, jitted, on one image
+  chunk, from the values it reads (`live`: the previous segments' outputs it
+  uses, the images for the first) to the values later segments or the output
+  read.
+
+`key` is the static tuple of (group, size) of the segment's groups; values
+are interpreted with `jaxsplit.graph`'s evaluation rules (consumer inputs
+multiplied by `valid`, so padded channels contribute exactly zero; small
+maps as one matmul with `matmul_max_hw`). The numbers are those of
+`gather`'s module up to float summation order.
+
+Hand-written because no library splits a jaxpr into independently compiled,
+shape-polymorphic pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from jaxsplit import graph as graph_lib
+from jaxsplit.graph import CLASS_GID, Graph, GraphError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segment:
+    """Top-level equations `[start, stop)` of a plan's jaxpr.
+
+    Attributes:
+      eqns: the equations.
+      live_in: jaxpr variables it reads that earlier segments define (or the input).
+      live_out: variables it defines that later segments or the output read.
+      leaves: indices of the variables leaves it reads.
+      groups: channel groups whose sizes shape it (sorted; `CLASS_GID` included
+        when it touches the classifier's columns).
+    """
+
+    eqns: tuple
+    live_in: tuple
+    live_out: tuple
+    leaves: tuple[int, ...]
+    groups: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segmented:
+    """The segments of one plan (input shape), and what running them needs."""
+
+    graph: Graph
+    plan: Any
+    segments: tuple[Segment, ...]
+    infos: dict  # top-level jaxpr variable -> graph._Info
+    leaf_infos: tuple
+    out_var: Any
+    matmul_max_hw: int
+    live_after: tuple  # per segment d: the variables defined up to d and read after it
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _run_fns: list = dataclasses.field(default_factory=list)
+
+    def gather(self, k: int, sizes: Mapping[int, int], leaves: Sequence[np.ndarray],
+               indices: Mapping[int, np.ndarray]) -> tuple:
+        """Segment k's leaves gathered with `indices` (`{group: int[B_g]}`), on the host.
+
+        numpy, not jitted: slicing costs no compilation (a jitted gather
+        compiles once per shape) and a few milliseconds per full-width layer.
+        Groups missing from `sizes` stay whole (e.g. the classifier's columns
+        without a target class).
+        """
+        seg = self.segments[k]
+        labels = self.plan.leaf_labels
+        idx = {g: np.asarray(indices[g], np.int32) for g in seg.groups if g in sizes}
+        out = []
+        for i in seg.leaves:
+            value = leaves[i]
+            for ax, lay in enumerate(labels.get(i, ())):
+                if lay is not None and graph_lib._groups(lay) & set(idx):
+                    value = np.take(value, graph_lib._indices(lay, idx, np), axis=ax)
+            out.append(value)
+        return tuple(jax.device_put(out))
+
+    def live_bytes(self, d: int, sizes: Mapping[int, int]) -> int:
+        """Bytes of `live_after[d]` for one image chunk with channel counts `sizes`."""
+        total = 0
+        for v in self.live_after[d]:
+            info = self.infos[v]
+            shape = [s if lay is None else graph_lib._size(lay, sizes)
+                     for s, lay in zip(info.shape, info.lab)]
+            total += int(np.prod(shape)) * np.dtype(v.aval.dtype).itemsize
+        return total
+
+    def run(self, k: int, sizes: Mapping[int, int], gathered: tuple,
+            valid: Mapping[int, Any], live: Sequence[jax.Array]) -> tuple:
+        """Segment k on one chunk: `live` (values of `live_in`) -> values of `live_out`."""
+        seg = self.segments[k]
+        key = tuple((g, int(sizes[g])) for g in seg.groups if g in sizes)
+        val = {g: valid[g] for g in seg.groups if g in valid and g in sizes}
+        return self._run_fns[k](key, gathered, val, tuple(live))
+
+
+def _var_groups(info: Any) -> set[int]:
+    out: set[int] = set()
+    for lay in info.lab:
+        if lay is not None:
+            out |= graph_lib._groups(lay)
+    return out
+
+
+def _top_level_infos(graph: Graph, plan: Any) -> tuple[dict, list]:
+    """Every top-level variable's abstract value (`_Info`): one dry evaluation walk."""
+    ctx = graph_lib._Ctx(graph.leaf_paths, plan.leaf_labels, plan.excluded, plan.batch,
+                         evaluate=True)
+    ctx.root_of = dict(plan.root_of)
+    jaxpr = plan.closed.jaxpr
+    leaf_infos = [graph_lib._leaf_info(i, tuple(s.shape), plan.leaf_labels.get(i))
+                  for i, s in enumerate(jax.tree_util.tree_leaves(graph.leaf_shapes))]
+    x_aval = plan.closed.in_avals[-1]
+    x_info = graph_lib._Info(tuple(x_aval.shape), (None,) * len(x_aval.shape), False,
+                             (graph_lib.OPAQUE,) * len(x_aval.shape))
+    env: dict[Any, Any] = {}
+    for v, c in zip(jaxpr.constvars, plan.closed.consts):
+        env[v] = graph_lib._const_info(tuple(np.shape(c)))
+    for v, info in zip(jaxpr.invars, leaf_infos + [x_info]):
+        env[v] = info
+
+    def read(a):
+        return graph_lib._const_info(tuple(np.shape(a.val))) if isinstance(a, jcore.Literal) \
+            else env[a]
+
+    for eqn in jaxpr.eqns:
+        ins = [read(a) for a in eqn.invars]
+        if eqn.primitive.name in graph_lib._SUBJAXPR:
+            sub, sub_consts = graph_lib._sub_jaxpr(eqn)
+            outs, _ = graph_lib._walk(sub, sub_consts, ins, None, ctx)
+        else:
+            outs, _ = graph_lib._rule(eqn, ins, None, ctx)
+        for v, info in zip(eqn.outvars, outs):
+            env[v] = info
+    return env, leaf_infos
+
+
+def _cut_points(graph: Graph, plan: Any) -> list[int]:
+    """Indices of the top-level equations that start a segment: each site's conv."""
+    jaxpr = plan.closed.jaxpr
+    num_leaves = len(jaxpr.invars) - 1
+    leaf_of = {v: i for i, v in enumerate(jaxpr.invars[:num_leaves])}
+    # a kernel may reach its conv through a dtype cast (a flax dtype / param_dtype)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in graph_lib._CAST and eqn.invars and \
+                not isinstance(eqn.invars[0], jcore.Literal) and eqn.invars[0] in leaf_of:
+            leaf_of[eqn.outvars[0]] = leaf_of[eqn.invars[0]]
+    kernels = set(plan.site_order)
+    cuts = [0]
+    for i, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.name != "conv_general_dilated" or i == 0:
+            continue
+        rhs = eqn.invars[1]
+        if not isinstance(rhs, jcore.Literal) and leaf_of.get(rhs) in kernels:
+            cuts.append(i)
+    return cuts
+
+
+def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
+            matmul_max_hw: int = 0) -> Segmented:
+    """The segments of `graph` for inputs of `x_shape` (cached on the graph).
+
+    Raises:
+      GraphError: the plan's output is not a top-level variable.
+    """
+    key = ("segments", tuple(x_shape), jnp.dtype(x_dtype).name, int(matmul_max_hw))
+    if key in graph._modules:
+        return graph._modules[key]
+    plan = graph.plan(tuple(x_shape), x_dtype)
+    jaxpr = plan.closed.jaxpr
+    infos, leaf_infos = _top_level_infos(graph, plan)
+    num_leaves = len(jaxpr.invars) - 1
+    leaf_index = {v: i for i, v in enumerate(jaxpr.invars[:num_leaves])}
+    x_var = jaxpr.invars[-1]
+    consts = set(jaxpr.constvars)
+    (out_var,) = jaxpr.outvars
+    if isinstance(out_var, jcore.Literal):
+        raise GraphError("the model's output is a constant")
+    cuts = _cut_points(graph, plan) + [len(jaxpr.eqns)]
+    bounds = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    # where each variable is read last (segment index); the output is read "after" the end
+    last_read: dict[Any, int] = {out_var: len(bounds)}
+    for k, (a, b) in enumerate(bounds):
+        for eqn in jaxpr.eqns[a:b]:
+            for v in eqn.invars:
+                if not isinstance(v, jcore.Literal):
+                    last_read[v] = max(last_read.get(v, -1), k)
+    segments = []
+    for k, (a, b) in enumerate(bounds):
+        eqns = tuple(jaxpr.eqns[a:b])
+        defined = {v for e in eqns for v in e.outvars}
+        reads = []
+        for e in eqns:
+            for v in e.invars:
+                if not isinstance(v, jcore.Literal) and v not in defined and v not in consts \
+                        and v not in reads:
+                    reads.append(v)
+        leaves = tuple(sorted({leaf_index[v] for v in reads if v in leaf_index}))
+        live_in = tuple(v for v in reads if v not in leaf_index)
+        live_out = tuple(v for e in eqns for v in e.outvars if last_read.get(v, -1) > k)
+        groups: set[int] = set()
+        for v in (*reads, *defined):
+            groups |= _var_groups(infos[v] if v in infos else leaf_infos[leaf_index[v]])
+        segments.append(Segment(eqns, live_in, live_out, leaves, tuple(sorted(groups))))
+    if segments and any(v is not x_var for v in segments[0].live_in):
+        raise GraphError("internal: the first segment reads values defined nowhere")
+    defined_in = {x_var: -1}
+    for k, seg in enumerate(segments):
+        for e in seg.eqns:
+            for v in e.outvars:
+                defined_in[v] = k
+    live_after = tuple(tuple(v for v, k in defined_in.items() if k <= d and last_read.get(v, -1) > d)
+                       for d in range(len(segments)))
+    out = Segmented(graph, plan, tuple(segments), infos, tuple(leaf_infos), out_var,
+                    int(matmul_max_hw), live_after)
+    for k in range(len(segments)):
+        out._run_fns.append(jax.jit(_run_fn(out, k), static_argnums=0))
+    graph._modules[key] = out
+    return out
+
+
+def _run_fn(seg_set: Segmented, k: int):
+    seg = seg_set.segments[k]
+    graph, plan = seg_set.graph, seg_set.plan
+    jaxpr = plan.closed.jaxpr
+    const_of = dict(zip(jaxpr.constvars, plan.closed.consts))
+    num_leaves = len(jaxpr.invars) - 1
+    leaf_var = jaxpr.invars[:num_leaves]
+
+    def run(key, gathered, valid, live):
+        ctx = graph_lib._Ctx(graph.leaf_paths, plan.leaf_labels, plan.excluded, plan.batch,
+                             evaluate=True, sizes=dict(key), vectors=dict(valid),
+                             matmul_max_hw=seg_set.matmul_max_hw)
+        ctx.root_of = dict(plan.root_of)
+        env: dict[Any, tuple] = {}
+        for i, value in zip(seg.leaves, gathered):
+            env[leaf_var[i]] = (seg_set.leaf_infos[i], value)
+        for v, value in zip(seg.live_in, live):
+            env[v] = (seg_set.infos[v], value)
+
+        def read(a):
+            if isinstance(a, jcore.Literal):
+                return graph_lib._const_info(tuple(np.shape(a.val))), a.val
+            if a in const_of:
+                return graph_lib._const_info(tuple(np.shape(const_of[a]))), const_of[a]
+            return env[a]
+
+        with seg_set._lock:  # the interpreter's context is per call; plans are shared
+            for eqn in seg.eqns:
+                ins = [read(a) for a in eqn.invars]
+                in_infos, in_vals = [i for i, _ in ins], [v for _, v in ins]
+                if eqn.primitive.name in graph_lib._SUBJAXPR:
+                    sub, sub_consts = graph_lib._sub_jaxpr(eqn)
+                    out_infos, out_vals = graph_lib._walk(sub, sub_consts, in_infos, in_vals, ctx)
+                else:
+                    out_infos, out_vals = graph_lib._rule(eqn, in_infos, in_vals, ctx)
+                for v, info, value in zip(eqn.outvars, out_infos, out_vals):
+                    env[v] = (info, value)
+        return tuple(env[v][1] for v in seg.live_out)
+
+    return run
+
+
+def group_sizes(graph: Graph, plan: Any, buckets: Mapping[str, int],
+                target_class: bool) -> dict[int, int]:
+    """`{group: size}` of a module with `buckets[site]` channels per free site."""
+    gid = graph.group_of(plan)
+    sizes = {gid[n]: int(b) for n, b in buckets.items()}
+    if target_class and plan.has_class:
+        sizes[CLASS_GID] = 1
+    return sizes
