@@ -53,6 +53,7 @@ import os
 import sys
 import time
 import types
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -692,8 +693,9 @@ class Modules:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise ModulesFileError(f"cannot read modules file {str(path)!r}: {e}") from e
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ModulesFileError(f"cannot read modules file {str(path)!r}: "
+                                   f"{type(e).__name__}: {e}") from e
         if HEADER_KEY not in arrays:
             raise ModulesFileError(f"{str(path)!r} is not a jaxsplit modules file (no header)")
         header = json.loads(arrays.pop(HEADER_KEY).tobytes().decode())
@@ -717,9 +719,18 @@ class Modules:
                     f"{str(path)!r} was made from other weights: its params SHA-256 is "
                     f"{header['params_sha256']}, these variables' is {digest} (pass "
                     f"check_params=False to load the masks anyway)")
-        masks = {k[len(MASK_PREFIX):]: arrays[k].astype(bool) for k in arrays
-                 if k.startswith(MASK_PREFIX)}
-        masks = {n: masks[n] for n in header["sites"]}
+        raw = {k[len(MASK_PREFIX):]: arrays[k] for k in arrays if k.startswith(MASK_PREFIX)}
+        missing = [n for n in header["sites"] if n not in raw]
+        if missing:
+            raise ModulesFileError(f"{str(path)!r} has no masks for sites {missing}")
+        masks = {}
+        for n in header["sites"]:
+            m = raw[n]
+            if m.dtype != np.bool_ and not np.isin(m, (0, 1)).all():
+                bad = np.unique(m[~np.isin(m, (0, 1))])[:5].tolist()
+                raise ModulesFileError(f"{str(path)!r}: the mask of site {n!r} holds values "
+                                       f"{bad}; expected booleans (0 or 1)")
+            masks[n] = m.astype(bool)
         classes = arrays["classes"].astype(np.int32)
         flat = {k[len(HEAD_PREFIX):]: arrays[k] for k in arrays if k.startswith(HEAD_PREFIX)}
         if flat and version < 2:

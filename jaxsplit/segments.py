@@ -37,6 +37,7 @@ shape-polymorphic pieces.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -84,6 +85,7 @@ class Segmented:
     live_after: tuple  # per segment d: the variables defined up to d and read after it
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _run_fns: list = dataclasses.field(default_factory=list)
+    _take_fns: dict = dataclasses.field(default_factory=dict)
 
     def gather(self, k: int, sizes: Mapping[int, int], leaves: Sequence[np.ndarray],
                indices: Mapping[int, np.ndarray]) -> tuple:
@@ -105,6 +107,41 @@ class Segmented:
                     value = np.take(value, graph_lib._indices(lay, idx, np), axis=ax)
             out.append(value)
         return tuple(jax.device_put(out))
+
+    def take_live(self, d: int, sizes: Mapping[int, int], values: Sequence[jax.Array],
+                  indices: Mapping[int, Any]) -> tuple:
+        """`live_after[d]` computed at full width -> the channels `indices` of a module.
+
+        Every op of a segment acts channel by channel on labelled axes (what
+        `jaxsplit.trace` checks), so the values of a module whose groups
+        keep the channels `indices` are the full model's values taken at
+        those channels: the segments up to d run once for all rows.
+        """
+        groups = tuple(sorted({g for v in self.live_after[d] for g in _var_groups(self.infos[v])
+                               if g in sizes}))
+        key = (d, tuple((g, int(sizes[g])) for g in groups))
+        if key not in self._take_fns:
+            self._take_fns[key] = jax.jit(functools.partial(_take, [
+                tuple(self.infos[v].lab) for v in self.live_after[d]]))
+        return self._take_fns[key](tuple(values), {g: indices[g] for g in groups})
+
+    def first_is_shareable(self) -> bool:
+        """Whether segment 0 can run once at full width for all rows (`take_live(0, ...)`).
+
+        True when it touches one channel group (its site's, tied sites
+        included) and reads no channel of it at a consumer (a conv input or
+        Dense row): then a module's values after it are the full model's at
+        the module's channels, and dropped channels are zeroed later, where
+        segment 1 consumes them.
+        """
+        if len(self.segments) < 2:
+            return False
+        seg = self.segments[0]
+        groups = [g for g in seg.groups if g != CLASS_GID]
+        if len(groups) != 1 or CLASS_GID in seg.groups:
+            return False
+        consumer_paths = {c.path for site in self.graph.sites for c in site.consumers}
+        return not any(self.graph.leaf_paths[i] in consumer_paths for i in seg.leaves)
 
     def live_bytes(self, d: int, sizes: Mapping[int, int]) -> int:
         """Bytes of `live_after[d]` for one image chunk with channel counts `sizes`."""
@@ -248,6 +285,16 @@ def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
         out._run_fns.append(jax.jit(_run_fn(out, k), static_argnums=0))
     graph._modules[key] = out
     return out
+
+
+def _take(labels: list, values: tuple, idx: dict) -> tuple:
+    out = []
+    for lab, value in zip(labels, values):
+        for ax, lay in enumerate(lab):
+            if lay is not None and graph_lib._groups(lay) & set(idx):
+                value = jnp.take(value, graph_lib._indices(lay, idx, jnp), axis=ax)
+        out.append(value)
+    return tuple(out)
 
 
 def _run_fn(seg_set: Segmented, k: int):

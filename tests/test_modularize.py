@@ -146,6 +146,29 @@ def test_load_refuses_another_model_and_another_format_version(bn_model, bn_modu
         Modules.load(future, bn_modules.graph)
 
 
+def test_load_refuses_a_damaged_file_and_non_boolean_masks(bn_modules, tmp_path):
+    path = bn_modules.save(tmp_path / "modules.npz")
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(path.read_bytes()[:200])  # a truncated copy (an interrupted transfer)
+    with pytest.raises(ModulesFileError, match="cannot read modules file"):
+        Modules.load(cut, bn_modules.graph)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    site = bn_modules.graph.names[0]
+    key = next(k for k in arrays if k.endswith(site) and k != HEADER_KEY)
+    bad = arrays[key].astype(np.int8)
+    bad.flat[0] = 2
+    edited = tmp_path / "edited.npz"
+    np.savez(edited, **{**arrays, key: bad})
+    with pytest.raises(ModulesFileError, match=rf"site '{site}' holds values \[2\]"):
+        Modules.load(edited, bn_modules.graph)
+    del arrays[key]
+    np.savez(edited, **arrays)
+    with pytest.raises(ModulesFileError, match=rf"no masks for sites \['{site}'\]"):
+        Modules.load(edited, bn_modules.graph)
+    assert path.read_bytes()  # the good file is untouched
+
+
 @pytest.fixture(scope="module")
 def simcnn_case():
     model = simcnn(3, 1, width=1 / 16)

@@ -252,6 +252,23 @@ class GraphFastEvaluator(RowCache):
         depth, prefix_of = shared_prefixes(segs, [row_inputs(m) for m in range(total)],
                                            chunk_rows=num_chunks, budget=self.prefix_bytes)
         prefixes: dict = {}
+        # rows that share no prefix take their first segment's channels from one full-width run
+        # of it (per call), when that is exact (`Segmented.first_is_shareable`) and fits
+        full_first = None
+        unshared = [m for m in range(total) if depth[m] < 0]
+        if unshared and self.prefix_bytes and segs.first_is_shareable():
+            full_sizes = {g: n for g, n in
+                          ((gid[s], self.graph.num_kernels[s]) for s in free)}
+            need = segs.live_bytes(0, full_sizes) * num_chunks
+            if need + sum(segs.live_bytes(d, row_inputs(m)[0]) * num_chunks
+                          for m, d in prefix_of.values()) <= self.prefix_bytes:
+                full_first = []
+                for c in chunks:
+                    env = {x_var: c}
+                    vals = segs.run(0, {}, segs.gather(0, {}, leaves, {}), {},
+                                    [env[v] for v in segs.segments[0].live_in])
+                    env.update(zip(segs.segments[0].live_out, vals))
+                    full_first.append([env[v] for v in segs.live_after[0]])
 
         def compute_prefix(key):
             m, d = prefix_of[key]
@@ -264,6 +281,11 @@ class GraphFastEvaluator(RowCache):
             d = depth[m]
             if d >= 0:
                 envs = [dict(env) for env in prefixes[prefix_key(segs, row_inputs(m), d)]]
+            elif full_first is not None:
+                sizes, idx, _ = row_inputs(m)
+                envs = [dict(zip(segs.live_after[0], segs.take_live(0, sizes, vals, idx)))
+                        for vals in full_first]
+                d = 0
             else:
                 envs = [{x_var: c} for c in chunks]
             run_segments(m, d + 1, num_segments, envs)
