@@ -71,6 +71,26 @@ class Segment:
     groups: tuple[int, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class SecondGrouping:
+    """`Segmented.second_grouping`: segment 1 of several rows as one module.
+
+    Attributes:
+      g0, g1: the first site's group and segment 1's own group.
+      concat_axis: per leaf of segment 1, its g1 axis (rows' leaves are
+        concatenated there) or None (the same for every row).
+      fold_axes: per leaf, its g0 consumer axes (multiplied by a row's g0 mask).
+      slice_axis: per value of `live_after[1]`, its g1 axis (each row takes
+        its block) or None (unlabelled: shared).
+    """
+
+    g0: int
+    g1: int
+    concat_axis: tuple
+    fold_axes: tuple
+    slice_axis: tuple
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Segmented:
     """The segments of one plan (input shape), and what running them needs."""
@@ -108,6 +128,30 @@ class Segmented:
             out.append(value)
         return tuple(jax.device_put(out))
 
+    def gather_group(self, grouping: SecondGrouping, leaves: Sequence[np.ndarray],
+                     rows: Sequence[tuple]) -> tuple:
+        """Segment 1's leaves for rows side by side (`second_grouping`), on the host.
+
+        `rows`: per row `(idx1 int[B1], mask0 bool[K0])`, all with the same B1.
+        """
+        seg = self.segments[1]
+        out = []
+        for j, i in enumerate(seg.leaves):
+            axis = grouping.concat_axis[j]
+            if axis is None:
+                out.append(leaves[i])
+                continue
+            blocks = []
+            for idx1, mask0 in rows:
+                value = np.take(leaves[i], np.asarray(idx1, np.int32), axis=axis)
+                for ax in grouping.fold_axes[j]:
+                    shape = [1] * value.ndim
+                    shape[ax] = -1
+                    value = value * np.asarray(mask0, value.dtype).reshape(shape)
+                blocks.append(value)
+            out.append(np.concatenate(blocks, axis=axis))
+        return tuple(jax.device_put(out))
+
     def take_live(self, d: int, sizes: Mapping[int, int], values: Sequence[jax.Array],
                   indices: Mapping[int, Any]) -> tuple:
         """`live_after[d]` computed at full width -> the channels `indices` of a module.
@@ -142,6 +186,61 @@ class Segmented:
             return False
         consumer_paths = {c.path for site in self.graph.sites for c in site.consumers}
         return not any(self.graph.leaf_paths[i] in consumer_paths for i in seg.leaves)
+
+    def second_grouping(self) -> SecondGrouping | None:
+        """How rows can run segment 1 side by side as one wider module, or None.
+
+        With segment 0 run once at full width (`first_is_shareable`), G rows'
+        segment 1 is one computation: its input keeps all K0 channels of
+        group g0, each row's consumer weights of g0 are multiplied by its
+        g0 mask (so dropped channels contribute zero), and the rows' g1
+        channels are concatenated (sizes G·B1). XLA runs one convolution
+        with G·B1 outputs far faster than G narrow ones. Needs: segment 1
+        touches exactly g0 and another group g1; every labelled leaf axis
+        there is a plain channel axis; every g0 consumer leaf also has a g1
+        axis; the values live after it are labelled by g1 only and defined
+        in it (or unlabelled).
+        """
+        if not self.first_is_shareable():
+            return None
+        (g0,) = self.segments[0].groups
+        seg = self.segments[1]
+        if len(seg.groups) != 2 or g0 not in seg.groups or CLASS_GID in seg.groups:
+            return None
+        (g1,) = [g for g in seg.groups if g != g0]
+        gid = self.graph.group_of(self.plan)
+        consumers = {(c.path, c.axis) for site in self.graph.sites if gid[site.name] == g0
+                     for c in site.consumers}
+        concat_axis, fold_axes = [], []
+        for i in seg.leaves:
+            lab = self.plan.leaf_labels.get(i, ())
+            g1_axes = []
+            for ax, lay in enumerate(lab):
+                if lay is None:
+                    continue
+                if lay[0] != "chan" or lay[1] not in (g0, g1):
+                    return None
+                if lay[1] == g1:
+                    g1_axes.append(ax)
+            folds = [ax for ax, lay in enumerate(lab) if lay is not None and lay[1] == g0
+                     and (self.graph.leaf_paths[i], ax) in consumers]
+            if len(g1_axes) > 1 or (folds and not g1_axes):
+                return None
+            concat_axis.append(g1_axes[0] if g1_axes else None)
+            fold_axes.append(tuple(folds))
+        defined = {v for e in seg.eqns for v in e.outvars}
+        slice_axis = []
+        for v in self.live_after[1]:
+            lab = [lay for lay in self.infos[v].lab]
+            axes = [ax for ax, lay in enumerate(lab) if lay is not None]
+            if not axes:
+                slice_axis.append(None)
+                continue
+            if len(axes) != 1 or v not in defined or lab[axes[0]][0] != "chan" \
+                    or lab[axes[0]][1] != g1:
+                return None
+            slice_axis.append(axes[0])
+        return SecondGrouping(g0, g1, tuple(concat_axis), tuple(fold_axes), tuple(slice_axis))
 
     def live_bytes(self, d: int, sizes: Mapping[int, int]) -> int:
         """Bytes of `live_after[d]` for one image chunk with channel counts `sizes`."""

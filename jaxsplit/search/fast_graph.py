@@ -93,6 +93,7 @@ from jaxsplit.search.fast_evaluate import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_NUM_BUCKETS,
     DENSE_MAX_HW,
+    SHARE_MAX_K0,
     RowCache,
     bucket_size,
     default_num_workers,
@@ -150,7 +151,10 @@ class GraphFastEvaluator(RowCache):
       num_buckets: bucket sizes per site (`fast_evaluate.bucket_size`).
       matmul_max_hw: convs on maps of at most this size run as one matmul.
       prefix_bytes: memory for the first segments' outputs that rows share
-        (`shared_prefixes`); 0 turns the sharing off.
+        (`shared_prefixes`) and the first segment at full width; 0 turns the
+        sharing off.
+      group_rows: at most this many rows run their second segment as one wider
+        module (`segments.Segmented.second_grouping`); 1 turns it off.
       num_workers: threads running rows concurrently.
       host_side: True: call it outside `jit` for its speed.
     """
@@ -160,7 +164,7 @@ class GraphFastEvaluator(RowCache):
     def __init__(self, graph: Any, *, chunk_individuals: int = 16, chunk_images: int = 1000,
                  num_buckets: int = DEFAULT_NUM_BUCKETS, num_workers: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, matmul_max_hw: int = DENSE_MAX_HW,
-                 prefix_bytes: int = DEFAULT_PREFIX_BYTES):
+                 prefix_bytes: int = DEFAULT_PREFIX_BYTES, group_rows: int = 16):
         from jaxsplit.graph import Graph  # late: keeps this module light to import
 
         if not isinstance(graph, Graph):
@@ -173,7 +177,8 @@ class GraphFastEvaluator(RowCache):
                                  ("chunk_images", chunk_images, 1),
                                  ("num_buckets", num_buckets, 1), ("num_workers", num_workers, 1),
                                  ("matmul_max_hw", matmul_max_hw, 0),
-                                 ("prefix_bytes", prefix_bytes, 0)):
+                                 ("prefix_bytes", prefix_bytes, 0),
+                                 ("group_rows", group_rows, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise EvaluatorInputError(f"{name} must be an int >= {low}, got {value!r}")
         self.graph = graph
@@ -185,6 +190,7 @@ class GraphFastEvaluator(RowCache):
         self.num_workers = int(num_workers)
         self.matmul_max_hw = int(matmul_max_hw)
         self.prefix_bytes = int(prefix_bytes)
+        self.group_rows = int(group_rows)
         self._reference = ReferenceEvaluator(graph, masks_lib.masked_apply(graph),
                                              chunk_individuals=chunk_individuals,
                                              chunk_images=chunk_images)
@@ -237,15 +243,25 @@ class GraphFastEvaluator(RowCache):
                 sizes[CLASS_GID], idx[CLASS_GID] = 1, np.asarray([row_class[m]], np.int32)
             return sizes, idx, valid
 
-        def run_segments(m, first, stop, envs):
-            """Segments [first, stop) of row m on every chunk's env (updated in place)."""
+        def gather_row(m, first):
+            """Row m's inputs and the gathered leaves of segments first..end."""
             sizes, idx, valid = row_inputs(m)
-            for k in range(first, stop):
+            return sizes, valid, {k: segs.gather(k, sizes, leaves, idx)
+                                  for k in range(first, num_segments)}
+
+        def finish_chunk(env, first, sizes, valid, gathered):
+            """Segments first..end of one image chunk from `env` (the values live before
+            `first`) -> the model output of the chunk. Only live values are kept."""
+            for k in range(first, num_segments):
                 seg = segs.segments[k]
-                gathered = segs.gather(k, sizes, leaves, idx)
-                for env in envs:
-                    vals = segs.run(k, sizes, gathered, valid, [env[v] for v in seg.live_in])
-                    env.update(zip(seg.live_out, vals))
+                vals = segs.run(k, sizes, gathered[k], valid, [env[v] for v in seg.live_in])
+                env.update(zip(seg.live_out, vals))
+                env = {v: env[v] for v in segs.live_after[k]} if k + 1 < num_segments else env
+            return env[segs.out_var]
+
+        def logits(m, outs):
+            out = np.concatenate([np.asarray(o) for o in outs], axis=0)
+            return out[:, 0] if has_class else out[:, int(row_class[m])]
 
         # rows whose first segments gather the same weights compute them once (a GA's
         # sensitive layers keep every kernel in every row); see `shared_prefixes`
@@ -253,12 +269,12 @@ class GraphFastEvaluator(RowCache):
                                            chunk_rows=num_chunks, budget=self.prefix_bytes)
         prefixes: dict = {}
         # rows that share no prefix take their first segment's channels from one full-width run
-        # of it (per call), when that is exact (`Segmented.first_is_shareable`) and fits
+        # of it (per call), when that is exact (`Segmented.first_is_shareable`) and fits; then,
+        # where `Segmented.second_grouping` allows, run segment 1 for groups of rows at once
         full_first = None
         unshared = [m for m in range(total) if depth[m] < 0]
         if unshared and self.prefix_bytes and segs.first_is_shareable():
-            full_sizes = {g: n for g, n in
-                          ((gid[s], self.graph.num_kernels[s]) for s in free)}
+            full_sizes = {gid[n]: self.graph.num_kernels[n] for n in free}
             need = segs.live_bytes(0, full_sizes) * num_chunks
             if need + sum(segs.live_bytes(d, row_inputs(m)[0]) * num_chunks
                           for m, d in prefix_of.values()) <= self.prefix_bytes:
@@ -269,18 +285,30 @@ class GraphFastEvaluator(RowCache):
                                     [env[v] for v in segs.segments[0].live_in])
                     env.update(zip(segs.segments[0].live_out, vals))
                     full_first.append([env[v] for v in segs.live_after[0]])
+        grouping = None
+        if full_first is not None and self.group_rows > 1:
+            grouping = segs.second_grouping()
+            if grouping is not None and full_sizes[grouping.g0] > SHARE_MAX_K0:
+                grouping = None  # a wide first site: the rows' own narrower inputs are faster
 
         def compute_prefix(key):
             m, d = prefix_of[key]
-            envs = [{x_var: c} for c in chunks]
-            run_segments(m, 0, d + 1, envs)
-            keep = segs.live_after[d]
-            return key, [{v: env[v] for v in keep} for env in envs]
+            sizes, idx, valid = row_inputs(m)
+            envs = []
+            for c in chunks:
+                env = {x_var: c}
+                for k in range(d + 1):
+                    seg = segs.segments[k]
+                    vals = segs.run(k, sizes, segs.gather(k, sizes, leaves, idx), valid,
+                                    [env[v] for v in seg.live_in])
+                    env.update(zip(seg.live_out, vals))
+                envs.append({v: env[v] for v in segs.live_after[d]})
+            return key, envs
 
-        def run(m):
+        def run_row(m):
             d = depth[m]
             if d >= 0:
-                envs = [dict(env) for env in prefixes[prefix_key(segs, row_inputs(m), d)]]
+                envs = prefixes[prefix_key(segs, row_inputs(m), d)]
             elif full_first is not None:
                 sizes, idx, _ = row_inputs(m)
                 envs = [dict(zip(segs.live_after[0], segs.take_live(0, sizes, vals, idx)))
@@ -288,19 +316,77 @@ class GraphFastEvaluator(RowCache):
                 d = 0
             else:
                 envs = [{x_var: c} for c in chunks]
-            run_segments(m, d + 1, num_segments, envs)
-            out = np.concatenate([np.asarray(env[segs.out_var]) for env in envs], axis=0)
-            return out[:, 0] if has_class else out[:, int(row_class[m])]
+            sizes, valid, gathered = gather_row(m, d + 1)
+            return [(m, logits(m, [finish_chunk(dict(env), d + 1, sizes, valid, gathered)
+                                   for env in envs]))]
 
-        out = np.empty((total, num_chunks * chunk), np.float32)
+        def run_group(members):
+            """Rows with the same segment-1 bucket: segment 1 as one module, then each row."""
+            g0, g1 = grouping.g0, grouping.g1
+            site0 = next(n for n in free if gid[n] == g0)
+            site1 = next(n for n in free if gid[n] == g1)
+            rows = [gather_row(m, 2) for m in members]
+            b1 = int(plan.sizes[site1][members[0]])
+            blocks = [(plan.indices[site1][m, :b1], flat_masks[site0][m]) for m in members]
+            group_leaves = segs.gather_group(grouping, leaves, blocks)
+            sizes_g = {g1: b1 * len(members)}
+            valid_g = {g1: np.concatenate([valid[g1] for _, valid, _ in rows])}
+            seg1 = segs.segments[1]
+            outs = [[] for _ in members]
+            for vals0 in full_first:
+                env0 = dict(zip(segs.live_after[0], vals0))
+                env1 = dict(zip(seg1.live_out, segs.run(1, sizes_g, group_leaves, valid_g,
+                                                        [env0[v] for v in seg1.live_in])))
+                shared = [env1[v] if v in env1 else env0[v] for v in segs.live_after[1]]
+                for j, (sizes, valid, gathered) in enumerate(rows):
+                    env = {v: value if ax is None else
+                           jax.lax.slice_in_dim(value, j * b1, (j + 1) * b1, axis=ax)
+                           for v, value, ax in zip(segs.live_after[1], shared,
+                                                   grouping.slice_axis)}
+                    outs[j].append(finish_chunk(env, 2, sizes, valid, gathered))
+            return [(m, logits(m, o)) for m, o in zip(members, outs)]
+
+        tasks = []
         # rows with equal buckets one after another: a new shape compiles once, on one thread
-        order = np.lexsort([plan.sizes[n] for n in free][::-1])
+        order = [int(m) for m in np.lexsort([plan.sizes[n] for n in free][::-1])]
+        if grouping is not None:
+            site1 = next(n for n in free if gid[n] == grouping.g1)
+            by_bucket: dict = {}
+            for m in order:
+                if depth[m] < 0:
+                    by_bucket.setdefault(int(plan.sizes[site1][m]), []).append(m)
+                else:
+                    tasks.append((run_row, m))
+            for members in by_bucket.values():
+                for group in split_groups(members, self.group_rows, self.num_workers):
+                    tasks.append((run_group, group))
+        else:
+            tasks = [(run_row, m) for m in order]
+        out = np.empty((total, num_chunks * chunk), np.float32)
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
             for key, envs in pool.map(compute_prefix, list(prefix_of)):
                 prefixes[key] = envs
-            for m, row in zip(order, pool.map(run, order)):
-                out[m] = row
+            for done in pool.map(lambda t: t[0](t[1]), tasks):
+                for m, row in done:
+                    out[m] = row
         return out[:, :num_images]
+
+
+def split_groups(members: list, group_rows: int, num_workers: int) -> list[list]:
+    """`members` cut into groups of power-of-two sizes <= `group_rows` (few compiled widths),
+    small enough that there are at least `num_workers` groups when members allow."""
+    size = 1
+    while size * 2 <= group_rows:
+        size *= 2
+    while size > 1 and -(-len(members) // size) < num_workers:
+        size //= 2
+    groups, rest = [], list(members)
+    while rest:
+        while size > len(rest):
+            size //= 2
+        groups.append(rest[:size])
+        rest = rest[size:]
+    return groups
 
 
 def prefix_key(segs: segments_lib.Segmented, row: tuple, depth: int) -> bytes:
