@@ -27,7 +27,6 @@ the script with `PYTHONPATH` set to each, then `--plot A.json B.json`).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys

@@ -97,13 +97,11 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--backends", default="fast,torch",
-                    help="comma list of fast, fast:N (N worker threads), graph, graph:N (the "
-                         "generic fast backend over the traced model), torch, reference")
+                    help="comma list of fast, fast:N (N worker threads), torch, reference")
     ap.add_argument("--chunk-images", type=int, default=1000)
     ap.add_argument("--chunk-individuals", type=int, default=16)
     ap.add_argument("--num-buckets", type=int, default=None, help="fast backend option")
     ap.add_argument("--num-workers", type=int, default=None, help="fast backend option")
-    ap.add_argument("--num-levels", type=int, default=None, help="graph backend option")
     args = ap.parse_args()
 
     model = build_model(args.model, num_classes=10, in_channels=3, width=args.width)
@@ -130,7 +128,7 @@ def main() -> None:
     results = {}
     for backend in args.backends.split(","):
         workers = args.num_workers
-        if backend.startswith(("fast:", "graph:")):  # "fast:N": with N worker threads
+        if backend.startswith("fast:"):  # "fast:N": with N worker threads
             workers = int(backend.split(":")[1])
         if backend == "torch":
             import torch
@@ -139,18 +137,7 @@ def main() -> None:
                 return torch_loop(model, params, m, images, classes)
             label = f"torch loop ({torch.get_num_threads()} threads)"
         else:
-            if backend.startswith("graph"):  # the generic fast backend (any traced model)
-                from functools import partial
-
-                from jaxsplit.graph import trace
-                from jaxsplit.search.fast_graph import make_graph_fast_evaluator
-
-                graph = trace(partial(model.apply, train=False), {"params": params},
-                              model.dummy_input(1))
-                extra = {k: v for k, v in (("num_levels", args.num_levels),
-                                           ("num_workers", workers)) if v is not None}
-                evaluate_fn = make_graph_fast_evaluator(graph, **kwargs, **extra, cache_bytes=0)
-            elif backend.startswith("fast"):
+            if backend.startswith("fast"):
                 extra = {k: v for k, v in (("num_buckets", args.num_buckets),
                                            ("num_workers", workers)) if v is not None}
                 # no row cache: the timed pass repeats the warm-up's masks
@@ -162,7 +149,7 @@ def main() -> None:
             def run(m, evaluate_fn=evaluate_fn):
                 return np.asarray(evaluate_fn({"params": params}, m, dev_images, dev_classes))
             label = f"jaxsplit {backend}" + (f" ({evaluate_fn.num_workers} workers)"
-                                              if backend.startswith(("fast", "graph")) else "")
+                                              if backend.startswith("fast") else "")
         t0 = time.perf_counter()
         first = run(mask_sets[0])
         for m in mask_sets[1:]:  # warm-up pass: compiles every bucket shape these masks need
@@ -184,9 +171,9 @@ def main() -> None:
             if a < b:
                 diff = np.abs(results[a][1] - results[b][1]).max()
                 print(f"  max |L_{a} - L_{b}| on the warm-up masks = {diff:.2e}")
-    for fast in [n for n in names if n.startswith(("fast", "graph"))]:
+    for fast in [n for n in names if n.startswith("fast")]:
         for other in names:
-            if not other.startswith(("fast", "graph")):
+            if not other.startswith("fast"):
                 print(f"  {fast} / {other} = {results[fast][0] / results[other][0]:.2f}x")
 
 

@@ -193,21 +193,23 @@ def _indices(lay: Layout, idx: Mapping[int, Any], xp: Any = jnp) -> Any:
 
 
 def _vector(lay: Layout, vec: Mapping[int, jax.Array], sizes: Mapping[int, int],
-            dtype: Any) -> jax.Array | None:
-    """The per-entry multiplier of a layout (mask / valid), or None when all ones."""
+            dtype: Any, xp: Any = jnp) -> jax.Array | None:
+    """The per-entry multiplier of a layout (mask / valid), or None when all ones.
+
+    `xp`: `jnp` (traced) or `np` (host arrays, nothing compiled)."""
     kind = lay[0]
     if kind == "chan":
         v = vec.get(lay[1])
-        return None if v is None else jnp.asarray(v).astype(dtype)
+        return None if v is None else xp.asarray(v).astype(dtype)
     if kind == "fixed":
         return None
-    parts = [_vector(p, vec, sizes, dtype) for p in lay[1]]
+    parts = [_vector(p, vec, sizes, dtype, xp) for p in lay[1]]
     if all(p is None for p in parts):
         return None
-    parts = [jnp.ones((_size(p, sizes),), dtype) if v is None else v for p, v in zip(lay[1], parts)]
+    parts = [xp.ones((_size(p, sizes),), dtype) if v is None else v for p, v in zip(lay[1], parts)]
     if kind == "cat":
-        return jnp.concatenate(parts)
-    out = jnp.ones((1,), dtype)
+        return xp.concatenate(parts)
+    out = xp.ones((1,), dtype)
     for p in parts:
         out = (out[:, None] * p[None, :]).reshape(-1)
     return out
@@ -339,7 +341,8 @@ class _Ctx:
                  excluded: frozenset[int], batch: int, *, evaluate: bool = False,
                  sizes: Mapping[int, int] | None = None,
                  vectors: Mapping[int, jax.Array] | None = None,
-                 dense_sites: bool = False, matmul_max_hw: int = 0) -> None:
+                 dense_sites: bool = False, matmul_max_hw: int = 0,
+                 folded: bool = False) -> None:
         self.leaf_paths = leaf_paths
         self.leaf_labels = leaf_labels
         self.excluded = excluded
@@ -349,6 +352,9 @@ class _Ctx:
         self.vectors = dict(vectors or {})
         self.dense_sites = dense_sites
         self.matmul_max_hw = matmul_max_hw
+        # evaluation: the vectors are already multiplied into the consumer leaves (a segment's
+        # host gather), so a consumer whose kernel is a plain leaf does not mask its input
+        self.folded = folded
         self.uf = _UnionFind()
         self.found: dict[tuple[int, int], Layout] = {}  # (leaf, axis) -> layout
         self.sites: dict[int, dict] = {}  # kernel leaf -> info, forward order
@@ -798,7 +804,8 @@ def _conv(eqn, infos, vals, ctx: _Ctx):
                          ((l_in if groups == 1 else None, rhs.shape[ri]),), math.prod(rhs_spatial)))
     if vals is None:
         return [out], None
-    x = _masked(vals[0], l_in, lf, ctx) if groups == 1 else vals[0]
+    folded = ctx.folded and rhs.leaf is not None
+    x = _masked(vals[0], l_in, lf, ctx) if groups == 1 and not folded else vals[0]
     if groups == 1 and _small_map(eqn, x, ctx.matmul_max_hw):
         y = _conv_as_matmul(eqn, x, vals[1])
         want = ctx.new_size(out, out.lab)
@@ -915,8 +922,9 @@ def _dot(eqn, infos, vals, ctx: _Ctx):
         return [out], None
     v = list(vals)
     k = 0 if act_is_lhs else 1
-    for a, lay in masked_axes:
-        v[k] = _masked(v[k], lay, a, ctx)
+    if not (ctx.folded and par.leaf is not None):
+        for a, lay in masked_axes:
+            v[k] = _masked(v[k], lay, a, ctx)
     return [out], _bind(eqn, v, ctx, [out])
 
 
@@ -1171,6 +1179,7 @@ def _analyse(apply_fn: Callable, leaf_tree, x) -> tuple[_Plan, tuple[Site, ...],
 
     # the classifier's columns: a side pass with Dense outputs as pseudo groups
     has_class = False
+    mac_terms = site_ctx.macs
     try:
         dctx, douts = _run(closed, leaf_shapes, x_info, labels, excluded, batch, leaf_paths,
                            dense_sites=True)
@@ -1192,6 +1201,7 @@ def _analyse(apply_fn: Callable, leaf_tree, x) -> tuple[_Plan, tuple[Site, ...],
                     if couts[0].lab == (None, ("chan", CLASS_GID, out_shape[1])) and \
                             _labels_from(cctx.found, cctx.uf, leaf_shapes, set(excluded)) == cand:
                         labels, has_class = cand, True
+                        mac_terms = cctx.macs  # the classifier's output axis labelled too
     except GraphError:
         pass
 
@@ -1238,7 +1248,7 @@ def _analyse(apply_fn: Callable, leaf_tree, x) -> tuple[_Plan, tuple[Site, ...],
     plan = _Plan(closed=closed, treedef=treedef, leaf_labels=labels, excluded=excluded,
                  batch=batch, root_of=root_of, site_order=order, sites=site_ctx.sites,
                  consumers=tuple(consumers_all),
-                 macs=tuple(_map_macs(m, uf.find) for m in site_ctx.macs),
+                 macs=tuple(_map_macs(m, uf.find) for m in mac_terms),
                  has_class=has_class, out_shape=out_shape)
     return plan, tuple(sites), ties, out_shape[1]
 

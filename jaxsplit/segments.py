@@ -106,15 +106,20 @@ class Segmented:
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _run_fns: list = dataclasses.field(default_factory=list)
     _take_fns: dict = dataclasses.field(default_factory=dict)
+    _consumer_axes: dict = dataclasses.field(default_factory=dict)  # leaf -> ((axis, layout),)
 
     def gather(self, k: int, sizes: Mapping[int, int], leaves: Sequence[np.ndarray],
-               indices: Mapping[int, np.ndarray]) -> tuple:
+               indices: Mapping[int, np.ndarray], valid: Mapping[int, np.ndarray] | None = None
+               ) -> tuple:
         """Segment k's leaves gathered with `indices` (`{group: int[B_g]}`), on the host.
 
         numpy, not jitted: slicing costs no compilation (a jitted gather
-        compiles once per shape) and a few milliseconds per full-width layer.
-        Groups missing from `sizes` stay whole (e.g. the classifier's columns
-        without a target class).
+        compiles once per shape) and well under a millisecond per full-width
+        layer. Groups missing from `sizes` stay whole (e.g. the classifier's
+        columns without a target class). With `valid` (`{group: bool[B_g]}`),
+        every consumer axis (a conv kernel's input axis, Dense rows) is also
+        multiplied by its valid flags, so padded channels meet zero weights and
+        `run(..., folded=True)` need not mask the activations.
         """
         seg = self.segments[k]
         labels = self.plan.leaf_labels
@@ -125,6 +130,14 @@ class Segmented:
             for ax, lay in enumerate(labels.get(i, ())):
                 if lay is not None and graph_lib._groups(lay) & set(idx):
                     value = np.take(value, graph_lib._indices(lay, idx, np), axis=ax)
+            if valid:
+                for ax, lay in self._consumer_axes.get(i, ()):
+                    vec = graph_lib._vector(lay, {g: v for g, v in valid.items() if g in idx},
+                                            sizes, value.dtype, np)
+                    if vec is not None:
+                        shape = [1] * value.ndim
+                        shape[ax] = -1
+                        value = value * vec.reshape(shape)
             out.append(value)
         return tuple(jax.device_put(out))
 
@@ -253,10 +266,13 @@ class Segmented:
         return total
 
     def run(self, k: int, sizes: Mapping[int, int], gathered: tuple,
-            valid: Mapping[int, Any], live: Sequence[jax.Array]) -> tuple:
-        """Segment k on one chunk: `live` (values of `live_in`) -> values of `live_out`."""
+            valid: Mapping[int, Any], live: Sequence[jax.Array], *, folded: bool = False) -> tuple:
+        """Segment k on one chunk: `live` (values of `live_in`) -> values of `live_out`.
+
+        `folded`: `gathered` came from `gather(..., valid=...)`: consumers whose
+        kernel is a plain leaf do not mask their inputs (others still do)."""
         seg = self.segments[k]
-        key = tuple((g, int(sizes[g])) for g in seg.groups if g in sizes)
+        key = (tuple((g, int(sizes[g])) for g in seg.groups if g in sizes), bool(folded))
         val = {g: valid[g] for g in seg.groups if g in valid and g in sizes}
         return self._run_fns[k](key, gathered, val, tuple(live))
 
@@ -380,6 +396,9 @@ def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
                        for d in range(len(segments)))
     out = Segmented(graph, plan, tuple(segments), infos, tuple(leaf_infos), out_var,
                     int(matmul_max_hw), live_after)
+    for leaf, ax, lay, _ in plan.consumers:
+        if (ax, lay) not in out._consumer_axes.get(leaf, ()):
+            out._consumer_axes[leaf] = out._consumer_axes.get(leaf, ()) + ((ax, lay),)
     for k in range(len(segments)):
         out._run_fns.append(jax.jit(_run_fn(out, k), static_argnums=0))
     graph._modules[key] = out
@@ -405,9 +424,10 @@ def _run_fn(seg_set: Segmented, k: int):
     leaf_var = jaxpr.invars[:num_leaves]
 
     def run(key, gathered, valid, live):
+        group_sizes, folded = key
         ctx = graph_lib._Ctx(graph.leaf_paths, plan.leaf_labels, plan.excluded, plan.batch,
-                             evaluate=True, sizes=dict(key), vectors=dict(valid),
-                             matmul_max_hw=seg_set.matmul_max_hw)
+                             evaluate=True, sizes=dict(group_sizes), vectors=dict(valid),
+                             matmul_max_hw=seg_set.matmul_max_hw, folded=folded)
         ctx.root_of = dict(plan.root_of)
         env: dict[Any, tuple] = {}
         for i, value in zip(seg.leaves, gathered):

@@ -238,3 +238,29 @@ def test_small_maps_as_one_matmul_equal_the_convolution():
         assert np.abs(want).max() > 1e-2
         np.testing.assert_allclose(np.asarray(jax.jit(mm_fn)(mm_vars, x)), want,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_single_output_stats_drop_the_other_classifier_columns():
+    """`module_stats(..., target_class=c)` counts the module that outputs one logit: params and
+    MACs of the classifier's other C - 1 columns are not counted, and equal what extraction keeps."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3))(x)).mean(axis=(1, 2))
+            x = nn.relu(nn.Dense(6)(x))
+            return nn.Dense(10)(x)
+
+    model = Net()
+    x = jnp.zeros((1, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x)
+    graph = jaxsplit.trace(model.apply, variables, x)
+    full = {n: np.ones(k, bool) for n, k in graph.num_kernels.items()}
+    whole = jaxsplit.module_stats(graph, full)
+    one = jaxsplit.module_stats(graph, full, target_class=3)
+    assert whole["macs"] - one["macs"] == 9 * 6  # the other 9 columns of the 6 -> 10 classifier
+    assert whole["params"] - one["params"] == 9 * 6 + 9  # and their biases
+    _, module_vars = jaxsplit.extract(graph, variables, full, target_class=3)
+    assert one["params"] == sum(np.size(v) for v in jax.tree_util.tree_leaves(
+        module_vars["params"]))

@@ -1,4 +1,5 @@
-"""The "fast" evaluator backend (search.fast_evaluate): exact vs the reference, buckets, traces."""
+"""The "fast" evaluator backend on jaxsplit's ConvNets (traced, `fast_evaluate.make_fast_evaluator`):
+exact vs the reference, buckets, rows independent of the call, the row cache, the config."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jaxsplit.models.convnet import ConvLayerDef, ConvNet, random_params, simcnn
 from jaxsplit.search import driver as D
 from jaxsplit.search import evaluate as E
 from jaxsplit.search import fast_evaluate as FE
+from jaxsplit.search import fast_graph as FG
 from jaxsplit.search.config import SearchConfig
 
 C, P, N = 3, 4, 21  # chunk sizes 5 (individuals) and 8 (images) divide neither C·P nor N
@@ -49,21 +51,6 @@ def random_masks(model: ConvNet, keep: float, seed: int, batch=(C, P)) -> dict:
     return {k: jnp.asarray(v) for k, v in M.tie(out, model.conv_spec()).items()}
 
 
-def masks_from_counts(model: ConvNet, counts: dict[str, np.ndarray], seed: int) -> dict:
-    """Masks `(C, P, K)` keeping exactly `counts[layer][c, i]` random kernels (ties copied)."""
-    spec = model.conv_spec()
-    rng = np.random.default_rng(seed)
-    out = {}
-    for layer in spec.layers:
-        k = layer.num_kernels
-        n = counts[layer.name]
-        m = np.zeros((*n.shape, k), bool)
-        for idx in np.ndindex(n.shape):
-            m[idx][rng.choice(k, int(n[idx]), replace=False)] = True
-        out[layer.name] = m
-    return {k: jnp.asarray(v) for k, v in M.tie(out, spec).items()}
-
-
 @pytest.fixture(scope="module")
 def cases():
     out = {}
@@ -87,7 +74,7 @@ def assert_close(L, ref):
     np.testing.assert_allclose(np.asarray(L), ref, rtol=0, atol=1e-4 * scale)
 
 
-@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("share", [False, True, None])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_matches_the_reference_backend(cases, name, share):
     model, params, images, classes = cases[name]
@@ -100,11 +87,11 @@ def test_matches_the_reference_backend(cases, name, share):
     assert np.abs(ref).max() > 0.1  # a non-trivial table
     fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8,
                                   share_first_conv=share)
-    assert fast.share_first_conv == share
+    assert isinstance(fast, FG.GraphFastEvaluator) and fast.share_first is share
     L = fast({"params": params}, masks, images, classes)
     assert L.shape == (C, P, N) and L.dtype == jnp.float32
     assert_close(L, ref)
-    if name == "residual":  # inside an outer jit: the traced fallback (full-size buckets)
+    if name == "residual":  # inside an outer jit: the traced fallback (the reference's)
         assert_close(jax.jit(fast)({"params": params}, masks, images, classes), ref)
 
 
@@ -137,17 +124,24 @@ def test_new_params_are_used(cases):
 
 
 def test_untied_and_empty_layers_follow_the_reference(cases):
-    """Masks the search never makes still give the reference's numbers: tied layers whose
-    masks differ (slots = their union) and a layer that keeps no kernel (all zeros)."""
+    """Masks the search never makes: a layer that keeps no kernel (all zeros) gives the
+    reference's numbers; tied layers whose masks differ follow the group's first (its
+    representative), as `jaxsplit.masked_apply` does."""
+    import jaxsplit
+
     model, params, images, classes = cases["residual"]
     masks = random_masks(model, 0.5, 4)
-    masks["conv_3"] = jnp.asarray(np.random.default_rng(5).random((C, P, 24)) < 0.5)
-    masks["conv_6"] = masks["conv_6"].at[1].set(~masks["conv_5"][1])
     masks["conv_2"] = masks["conv_2"].at[2, 1].set(False)
     ref = reference_L(model, params, masks, images, classes)
-    L = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)(
-        {"params": params}, masks, images, classes)
-    assert_close(L, ref)
+    fast = FE.make_fast_evaluator(model, chunk_individuals=5, chunk_images=8)
+    assert_close(fast({"params": params}, masks, images, classes), ref)
+    untied = dict(masks)
+    untied["conv_3"] = jnp.asarray(np.random.default_rng(5).random((C, P, 24)) < 0.5)
+    graph = fast.graph
+    want = E.ReferenceEvaluator(graph, jaxsplit.masked_apply(graph))(
+        {"params": params}, untied, images, classes)
+    assert_close(fast({"params": params}, untied, images, classes), np.asarray(want))
+    assert_close(want, ref)  # conv_3 follows conv_1, whose mask is unchanged
 
 
 def test_bucket_size_boundaries():
@@ -166,96 +160,13 @@ def test_bucket_size_boundaries():
             assert len(np.unique(sizes)) <= nb
 
 
-def test_plan_slots_columns_and_ties():
-    model = tiny_residual()
-    spec = model.conv_spec()
-    rng = np.random.default_rng(0)
-    masks = {l.name: rng.random((6, l.num_kernels)) < 0.4 for l in spec.layers}
-    masks["conv_1"][0] = False
-    masks["conv_1"][0, [3, 20]] = True
-    masks["conv_3"][0] = False
-    masks["conv_3"][0, [3, 5]] = True
-    plans = FE.plan_modules(spec, masks, num_buckets=32)
-    p1, p3 = plans["conv_1"], plans["conv_3"]
-    np.testing.assert_array_equal(p1.slots, p3.slots)  # a tie group shares its slots (the union)
-    np.testing.assert_array_equal(p1.sizes, p3.sizes)
-    assert p1.slots[0, :4].tolist() == [3, 5, 20, 24] and p1.counts[0] == 3
-    assert p1.cols[0, :3].tolist() == [3, 24, 20]  # conv_1 does not keep kernel 5 itself
-    assert p3.cols[0, :3].tolist() == [3, 5, 24]
-    assert np.all(p1.slots[0, 3:] == 24) and p1.sizes[0] == 8
-    group = {n: g for g in spec.ties for n in g}
-    for name, plan in plans.items():
-        k = spec.layer(name).num_kernels
-        for m in range(6):
-            kept = np.flatnonzero(np.any([masks[n][m] for n in group.get(name, (name,))], axis=0))
-            assert plan.slots[m, :len(kept)].tolist() == kept.tolist()
-            assert np.all(plan.slots[m, len(kept):] == k)
-            assert plan.sizes[m] >= max(len(kept), 1)
-
-
-def test_one_trace_per_bucket_shape(cases):
-    model, params, images, classes = cases["weak"]  # conv widths 8, 16, 32: steps 8, 8, 8
-    # one worker: two threads meeting a new shape at once may both trace it (harmless, but the
-    # counts would vary)
-    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1,
-                                  share_first_conv=False)
-    spec = model.conv_spec()
-
-    def counts(a, b, c):
-        return {"conv_0": np.full((C, P), a), "conv_1": np.full((C, P), b),
-                "conv_2": np.full((C, P), c)}
-
-    L = fast({"params": params}, masks_from_counts(model, counts(5, 9, 17), 0), images, classes)
-    first = dict(fast.trace_counts)
-    # one trace per shape: the shared first conv, the first block (B 8), the head, and the
-    # conv blocks of conv_1 (B 8 -> 16) and conv_2 (16 -> 24) (one jitted function, two shapes)
-    assert first == {"first_preactivation": 1, "first_block/pool=True": 1, "head": 1,
-                     "conv_block/conv/pool=True/residual=False": 2}
-    # other kernels, other counts, same buckets: nothing new to compile
-    L2 = fast({"params": params}, masks_from_counts(model, counts(8, 15, 24), 1), images, classes)
-    assert dict(fast.trace_counts) == first
-    assert not np.allclose(np.asarray(L), np.asarray(L2))
-    # conv_2 in a new bucket (25 -> 32): its block and the head retrace, nothing else
-    fast({"params": params}, masks_from_counts(model, counts(8, 15, 25), 2), images, classes)
-    new = {k: v - first.get(k, 0) for k, v in fast.trace_counts.items() if v != first.get(k, 0)}
-    assert new == {"conv_block/conv/pool=True/residual=False": 1, "head": 1}
-    # mixed buckets within one call: one trace per new shape only
-    mixed = counts(8, 15, 25)
-    mixed["conv_0"][0, 0] = 1  # bucket 8 as before
-    mixed["conv_1"][1, 2] = 16  # bucket 16 (seen)
-    before = fast.num_traces
-    L3 = fast({"params": params}, masks_from_counts(model, mixed, 3), images, classes)
-    assert fast.num_traces == before
-    assert_close(L3, reference_L(model, params, masks_from_counts(model, mixed, 3), images,
-                                 classes))
-    assert fast.trace_counts["traced_evaluate"] == 0
-    assert spec.names == ("conv_0", "conv_1", "conv_2")
-
-
-def test_shared_first_conv_traces_once_per_width(cases):
-    """The shared second layer has one shape per layer-1 bucket size B1 (chunk_individuals x B1
-    columns, whatever the group's size); each member's slice is one trace per B1 too."""
-    model, params, images, classes = cases["weak"]  # conv_1: 16 kernels, buckets 8 and 16
-    fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=32, num_workers=1,
-                                  share_first_conv=True)
-    for seed, (a, b, c) in enumerate([(5, 9, 17), (8, 4, 17), (3, 16, 20)]):
-        counts = {"conv_0": np.full((C, P), a), "conv_1": np.full((C, P), b),
-                  "conv_2": np.full((C, P), c)}
-        masks = masks_from_counts(model, counts, seed)
-        assert_close(fast({"params": params}, masks, images, classes),
-                     reference_L(model, params, masks, images, classes))
-    assert fast.trace_counts["shared_first_conv"] == 2  # B1 = 16 (9 and 16 kept) and 8 (4 kept)
-    assert fast.trace_counts["take_channels/16"] == 1 and fast.trace_counts["take_channels/8"] == 1
-    assert "first_block/pool=True" not in fast.trace_counts
-
-
 def test_rows_do_not_depend_on_the_other_modules(cases):
     """Bit for bit: a module's row is the same whatever its position, its group's other
     members, or the call's other rows (what makes the row cache sound)."""
     for name in ("weak", "residual"):
         model, params, images, classes = cases[name]
         masks = random_masks(model, 0.5, 11)
-        for share in (False, True):
+        for share in (False, True, None):
             fast = FE.make_fast_evaluator(model, chunk_individuals=3, chunk_images=8,
                                           share_first_conv=share, cache_bytes=0)
             base = np.asarray(fast({"params": params}, masks, images, classes))
@@ -310,29 +221,26 @@ def test_bad_inputs_raise(cases):
                 {"num_workers": 0}, {"cache_bytes": -1}):
         with pytest.raises(E.EvaluatorInputError, match=next(iter(bad))):
             FE.make_fast_evaluator(model, **bad)
-    adds_first = ConvNet(convs=(ConvLayerDef(4), ConvLayerDef(4, residual_from=0)), hidden=(),
-                         head_dropout=(0.0,), num_classes=3, in_channels=1, image_size=8)
-    with pytest.raises(E.EvaluatorInputError, match="share_first_conv=True"):
-        FE.make_fast_evaluator(adds_first, share_first_conv=True)
-    assert not FE.make_fast_evaluator(adds_first).share_first_conv
+    with pytest.raises(E.EvaluatorInputError, match="share_first must be None, True or False"):
+        FE.make_fast_evaluator(model, share_first_conv="yes")
 
 
 def test_backend_selection_and_config(cases):
     model = cases["residual"][0]
     fast = E.make_evaluator(model, "fast", chunk_individuals=3, chunk_images=7)
-    assert isinstance(fast, FE.FastEvaluator) and fast.host_side
+    assert isinstance(fast, FG.GraphFastEvaluator) and fast.host_side
     assert (fast.chunk_individuals, fast.chunk_images) == (3, 7)
     assert 1 <= fast.num_workers == FE.default_num_workers() <= FE.MAX_WORKERS
     assert E.default_backend("cpu") == "fast" and E.default_backend("gpu") == "device"
     if jax.default_backend() == "cpu":
-        assert isinstance(E.make_evaluator(model, "auto"), FE.FastEvaluator)
+        assert isinstance(E.make_evaluator(model, "auto"), FG.GraphFastEvaluator)
     cfg = SearchConfig(backend="fast", chunk_individuals=2, chunk_images=9, shard=False)
     from_cfg = E.make_evaluator_from_config(model, cfg)
-    assert isinstance(from_cfg, FE.FastEvaluator) and from_cfg.chunk_images == 9
-    assert from_cfg.cache_bytes == 256 * 2**20 and from_cfg.share_first_conv  # the defaults
+    assert isinstance(from_cfg, FG.GraphFastEvaluator) and from_cfg.chunk_images == 9
+    assert from_cfg.cache_bytes == 256 * 2**20 and from_cfg.share_first is None  # the defaults
     tuned = E.make_evaluator_from_config(model, SearchConfig(
         backend="fast", shard=False, share_first_conv=False, eval_cache_mib=0))
-    assert tuned.cache_bytes == 0 and not tuned.share_first_conv
+    assert tuned.cache_bytes == 0 and tuned.share_first is False
     reference = E.make_evaluator_from_config(model, SearchConfig(backend="reference", shard=False,
                                                                  eval_cache_mib=0))
     assert isinstance(reference, E.ReferenceEvaluator)
@@ -352,7 +260,7 @@ def test_search_step_with_the_fast_backend(cases, tmp_path):
     cfg = SearchConfig(population_size=4, num_generations=3, backend="fast", chunk_images=16,
                        min_kept_ensembles=3, max_kept_ensembles=10, seed=1, shard=False)
     problem, settings = D.build_problem(model, "weak_cnn", importance, cfg)
-    assert isinstance(problem.evaluate_fn, FE.FastEvaluator)
+    assert isinstance(problem.evaluate_fn, FG.GraphFastEvaluator)
     base = jax.random.key(cfg.seed)
     k_init, k_pop = jax.random.split(base)
     bits = D.initial_population(k_pop, problem, cfg.population_size, settings)

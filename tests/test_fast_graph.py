@@ -172,7 +172,8 @@ def test_rows_share_the_segments_they_compute_alike(cases):
     for group in graph.ties:
         for n in group[1:]:
             same[n] = same[group[0]]
-    shared = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0)
+    # from the images (share_first=False: no full-width first segment, which would cover depth 0)
+    shared = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0, share_first=False)
     alone = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0, prefix_bytes=0)
     segs_rows = []
     orig = FG.shared_prefixes
@@ -191,10 +192,33 @@ def test_rows_share_the_segments_they_compute_alike(cases):
     assert min(depth) >= 0  # every row reuses at least the first segment of another
     assert 1 <= len(prefix_of) < C * P
     L_alone = np.asarray(alone(variables, same, images, classes))
-    np.testing.assert_allclose(L_shared, L_alone, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(L_shared, L_alone)  # the same functions on the same values
     want = E.ReferenceEvaluator(graph, jaxsplit.masked_apply(graph), chunk_individuals=4,
                                 chunk_images=4)(variables, same, images, classes)
     assert_close(L_shared, np.asarray(want))
+
+
+@pytest.mark.parametrize("name,share", [("simcnn", None), ("simcnn", True), ("resnet", None),
+                                        ("rescnn", None)])
+def test_a_row_does_not_depend_on_the_other_rows_of_the_call(cases, name, share):
+    """Whatever shares work between rows (the first segment at full width, the grouped second
+    segment, shared prefixes), each row's numbers are those it gets alone: the row cache and
+    a resumed search rely on it."""
+    graph, variables, masks, images, classes, ref = cases(name)
+    evaluate_fn = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0, share_first=share,
+                                        group_rows=4)
+    together = np.asarray(evaluate_fn(variables, masks, images, classes))
+    assert_close(together, ref)
+    from jaxsplit import segments as S
+
+    segs = S.segment(graph, (4, *graph.input_shape), jnp.float32, matmul_max_hw=2)
+    assert segs.first_is_shareable()  # the ways of sharing are really in use here
+    assert (segs.second_grouping() is not None) == (name != "resnet")
+    for c in range(C):
+        for i in range(P):
+            one = {n: v[c:c + 1, i:i + 1] for n, v in masks.items()}
+            alone = np.asarray(evaluate_fn(variables, one, images, classes[c:c + 1]))
+            np.testing.assert_array_equal(alone[0, 0], together[c, i])
 
 
 def test_row_cache_returns_identical_rows(cases):
@@ -262,11 +286,15 @@ def test_bad_inputs_are_named(cases):
 def test_backend_selection(cases):
     graph = cases("inception_like")[0]
     model = simcnn(num_classes=3, in_channels=1, width=0.05, image_size=32)
-    assert isinstance(E.make_evaluator(model, "fast"), FE.FastEvaluator)  # the tuned path
+    traced = E.make_evaluator(model, "fast")  # a ConvNet is traced like any other model
+    assert isinstance(traced, FG.GraphFastEvaluator)
+    assert traced.graph.names == model.conv_spec().names
+    assert traced.graph.fingerprint == FE.convnet_graph(model).fingerprint
     generic = E.make_evaluator(graph, "fast", chunk_individuals=3, chunk_images=9,
-                               share_first_conv=True, num_workers=1)  # ConvNet-only option
-    assert isinstance(generic, FG.GraphFastEvaluator)
+                               share_first_conv=True, num_workers=1, compute_dtype="bfloat16")
+    assert isinstance(generic, FG.GraphFastEvaluator)  # (compute_dtype: the device backend's)
     assert (generic.chunk_images, generic.num_workers, generic.graph) == (9, 1, graph)
+    assert generic.share_first is True
     for platform, convnet_backend, graph_backend in (("cpu", "fast", "fast"),
                                                      ("gpu", "device", "reference"),
                                                      ("tpu", "device", "reference"),

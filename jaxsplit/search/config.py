@@ -118,10 +118,11 @@ class SearchConfig:
     backend: Literal["auto", "reference", "fast", "device"] = "auto"
     chunk_individuals: int = 16
     chunk_images: int = 1000
-    # "fast" backend only: run a narrow ConvNet's second conv layer once per group of modules
-    # (search/fast_evaluate.py; None: when the first layer has <= 32 kernels), and memory for the
-    # logit rows it reuses when a (class, mask) comes back (any model; 0: off; results never
-    # depend on it)
+    # "fast" backend only (search/fast_graph.py): run the first conv segment once at full width
+    # for all modules and, when the first site has <= 32 kernels, the second one for groups of
+    # modules at once (None: decided by the model; True: group whatever the width; False:
+    # neither), and memory for the logit rows it reuses when a (class, mask) comes back (0: off;
+    # results never depend on it)
     share_first_conv: bool | None = None
     eval_cache_mib: int = 256
     # "device" backend only (search/device_evaluate.py): float32, or tensorfloat32 / bfloat16

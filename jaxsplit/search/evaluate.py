@@ -21,10 +21,10 @@ The interface every backend implements (`Evaluator`):
 
 Backends: "reference" (here: any traced model; `jit(vmap)` over
 individuals, chunked over individuals and images), "fast" (host-planned,
-physically extracted modules, imported lazily: for a `jaxsplit.models.ConvNet`
-the tuned `jaxsplit.search.fast_evaluate.make_fast_evaluator`, for any other
-traced model `jaxsplit.search.fast_graph.make_graph_fast_evaluator` over
-`jaxsplit.extract.gather`) and "device"
+physically extracted modules, imported lazily:
+`jaxsplit.search.fast_evaluate.make_fast_evaluator`, the segment-wise
+`jaxsplit.search.fast_graph.GraphFastEvaluator` over any traced model, a
+`jaxsplit.models.ConvNet` traced like the others) and "device"
 (`jaxsplit.search.device_evaluate.make_device_evaluator`: kept kernels
 gathered on device into bucketed blocks, jit-only; ConvNet only).
 `make_evaluator` picks one; "auto" follows `resolve_backend(target, platform)`:
@@ -357,9 +357,8 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
       target: a `ConvNet`, or the kernel graph of any traced model
         (`jaxsplit.trace`), then with `masked_fn`.
       backend: "reference" (`ReferenceEvaluator`), "fast"
-        (`jaxsplit.search.fast_evaluate.make_fast_evaluator` for a ConvNet,
-        `jaxsplit.search.fast_graph.make_graph_fast_evaluator` for a traced
-        graph), "device" (`jaxsplit.search.device_evaluate.make_device_evaluator`,
+        (`jaxsplit.search.fast_evaluate.make_fast_evaluator`: a ConvNet is traced,
+        then as any graph), "device" (`jaxsplit.search.device_evaluate.make_device_evaluator`,
         ConvNet only), or "auto" (`resolve_backend(target, jax.default_backend())`:
         "fast" on CPU for every model, "device" on an accelerator for a ConvNet,
         else "reference").
@@ -367,10 +366,9 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
         (default for a ConvNet: `model_masked_apply(model)`).
       chunk_individuals: masks evaluated together (bounds peak memory).
       chunk_images: images evaluated together (bounds peak memory).
-      **fast_options: more options of `make_fast_evaluator` (`share_first_conv`,
-        `cache_bytes`, ...), of `make_graph_fast_evaluator` (`num_buckets`,
-        `num_workers`, `cache_bytes`, `matmul_max_hw`, `prefix_bytes`) or of
-        `make_device_evaluator`
+      **fast_options: more options of `make_fast_evaluator` (`num_buckets`,
+        `num_workers`, `share_first_conv`, `cache_bytes`, `matmul_max_hw`,
+        `prefix_bytes`, `group_rows`) or of `make_device_evaluator`
         (`compute_dtype`, `num_levels`); each backend takes its own and ignores
         the others ("reference" ignores all).
 
@@ -387,35 +385,29 @@ def make_evaluator(target: Any, backend: Backend = "reference", *,
         return ReferenceEvaluator(target, masked_fn, chunk_individuals=chunk_individuals,
                                   chunk_images=chunk_images)
     device_keys = ("compute_dtype", "num_levels", "extractor", "member_loop")
-    if not is_convnet:
-        from jaxsplit.graph import Graph  # late: graph imports masks, which is light here
-
-        if backend != "fast":
+    if backend == "device":
+        if not is_convnet:
             raise EvaluatorBackendError(
                 f"evaluator backend {backend!r} needs a jaxsplit.models.ConvNet, got "
                 f"{type(target).__name__}; use backend='fast', 'reference' or 'auto'")
-        if not isinstance(target, Graph):
-            raise EvaluatorBackendError(
-                f"evaluator backend 'fast' needs a jaxsplit.models.ConvNet or a traced kernel "
-                f"graph (jaxsplit.trace), got {type(target).__name__}")
-        from jaxsplit.search import fast_graph  # late: it imports this module
-
-        graph_keys = ("num_buckets", "num_workers", "cache_bytes", "matmul_max_hw",
-                      "prefix_bytes")
-        return fast_graph.make_graph_fast_evaluator(
-            target, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
-            **{k: v for k, v in fast_options.items() if k in graph_keys})
-    if backend == "device":
         from jaxsplit.search import device_evaluate  # late: it imports this module
 
         return device_evaluate.make_device_evaluator(
             target, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
             **{k: v for k, v in fast_options.items() if k in device_keys})
-    fast_options = {k: v for k, v in fast_options.items() if k not in device_keys}
-    from jaxsplit.search import fast_evaluate as fast  # late: it imports this module
+    from jaxsplit.graph import Graph  # late: graph imports masks, which is light here
 
-    return fast.make_fast_evaluator(target, chunk_individuals=chunk_individuals,
-                                    chunk_images=chunk_images, **fast_options)
+    if not is_convnet and not isinstance(target, Graph):
+        raise EvaluatorBackendError(
+            f"evaluator backend 'fast' needs a jaxsplit.models.ConvNet or a traced kernel "
+            f"graph (jaxsplit.trace), got {type(target).__name__}")
+    from jaxsplit.search import fast_evaluate  # late: it imports this module
+
+    fast_keys = ("num_buckets", "num_workers", "share_first_conv", "cache_bytes",
+                 "matmul_max_hw", "prefix_bytes", "group_rows")
+    return fast_evaluate.make_fast_evaluator(
+        target, chunk_individuals=chunk_individuals, chunk_images=chunk_images,
+        **{k: v for k, v in fast_options.items() if k in fast_keys})
 
 
 def make_evaluator_from_config(target: Any, search_cfg, *,

@@ -153,8 +153,12 @@ class GraphFastEvaluator(RowCache):
       prefix_bytes: memory for the first segments' outputs that rows share
         (`shared_prefixes`) and the first segment at full width; 0 turns the
         sharing off.
-      group_rows: at most this many rows run their second segment as one wider
-        module (`segments.Segmented.second_grouping`); 1 turns it off.
+      group_rows: this many rows run their second segment as one wider module
+        (`segments.Segmented.second_grouping`; the last group of a call padded);
+        1 turns it off.
+      share_first: None (default): the first segment at full width for all rows
+        when exact, the grouped second segment when the first site has at most
+        `SHARE_MAX_K0` kernels; True: grouped whatever the width; False: neither.
       num_workers: threads running rows concurrently.
       host_side: True: call it outside `jit` for its speed.
     """
@@ -164,7 +168,8 @@ class GraphFastEvaluator(RowCache):
     def __init__(self, graph: Any, *, chunk_individuals: int = 16, chunk_images: int = 1000,
                  num_buckets: int = DEFAULT_NUM_BUCKETS, num_workers: int | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, matmul_max_hw: int = DENSE_MAX_HW,
-                 prefix_bytes: int = DEFAULT_PREFIX_BYTES, group_rows: int = 16):
+                 prefix_bytes: int = DEFAULT_PREFIX_BYTES, group_rows: int = 16,
+                 share_first: bool | None = None):
         from jaxsplit.graph import Graph  # late: keeps this module light to import
 
         if not isinstance(graph, Graph):
@@ -191,6 +196,10 @@ class GraphFastEvaluator(RowCache):
         self.matmul_max_hw = int(matmul_max_hw)
         self.prefix_bytes = int(prefix_bytes)
         self.group_rows = int(group_rows)
+        if share_first not in (None, True, False):
+            raise EvaluatorInputError(f"share_first must be None, True or False, got "
+                                      f"{share_first!r}")
+        self.share_first = share_first
         self._reference = ReferenceEvaluator(graph, masks_lib.masked_apply(graph),
                                              chunk_individuals=chunk_individuals,
                                              chunk_images=chunk_images)
@@ -217,7 +226,23 @@ class GraphFastEvaluator(RowCache):
         return self._evaluate_rows(variables, masks, images, classes, num_rows, num_individuals)
 
     def _evaluate_host(self, variables, flat_masks, images, row_class) -> np.ndarray:
-        """`(M, N)` logits: each row's module, segment by segment, on worker threads."""
+        """`(M, N)` logits: each row's module, segment by segment, on worker threads.
+
+        How a row is computed depends only on the model, the images' shape and
+        the options, never on the other rows of the call (so rows can be
+        cached and a search resumed bit for bit):
+
+        * `share_first` and segment 0 shareable (`Segmented.first_is_shareable`)
+          and its full-width values within `prefix_bytes`: segment 0 runs once at
+          full width and every row takes its channels (`take_live`);
+          then, if the first site is narrow (<= `SHARE_MAX_K0` kernels, or
+          `share_first=True`) and `second_grouping` allows, segment 1 runs for
+          `group_rows` rows at once (groups padded to that width);
+        * otherwise rows start from the images.
+        Rows that gather the same weights in further segments (a GA's
+        sensitive layers) run those once (`shared_prefixes`): the same compiled
+        functions on the same values, so the same numbers.
+        """
         plan = plan_rows(self.graph, flat_masks, self.num_buckets)
         total = int(row_class.shape[0])
         num_images = int(images.shape[0])
@@ -243,94 +268,90 @@ class GraphFastEvaluator(RowCache):
                 sizes[CLASS_GID], idx[CLASS_GID] = 1, np.asarray([row_class[m]], np.int32)
             return sizes, idx, valid
 
-        def gather_row(m, first):
-            """Row m's inputs and the gathered leaves of segments first..end."""
-            sizes, idx, valid = row_inputs(m)
-            return sizes, valid, {k: segs.gather(k, sizes, leaves, idx)
-                                  for k in range(first, num_segments)}
-
-        def finish_chunk(env, first, sizes, valid, gathered):
-            """Segments first..end of one image chunk from `env` (the values live before
-            `first`) -> the model output of the chunk. Only live values are kept."""
-            for k in range(first, num_segments):
+        def run_chunk(env, first, stop, sizes, valid, gathered):
+            """Segments [first, stop) of one image chunk; keeps only the values live after."""
+            for k in range(first, stop):
                 seg = segs.segments[k]
-                vals = segs.run(k, sizes, gathered[k], valid, [env[v] for v in seg.live_in])
+                vals = segs.run(k, sizes, gathered[k], valid, [env[v] for v in seg.live_in],
+                                folded=True)
                 env.update(zip(seg.live_out, vals))
                 env = {v: env[v] for v in segs.live_after[k]} if k + 1 < num_segments else env
-            return env[segs.out_var]
+            return env
+
+        def gathered_from(m, first, stop):
+            """Row m's sizes, valid flags and gathered leaves (valid folded in) of segments
+            [first, stop)."""
+            sizes, idx, valid = row_inputs(m)
+            return sizes, valid, {k: segs.gather(k, sizes, leaves, idx, valid)
+                                  for k in range(first, stop)}
 
         def logits(m, outs):
             out = np.concatenate([np.asarray(o) for o in outs], axis=0)
             return out[:, 0] if has_class else out[:, int(row_class[m])]
 
-        # rows whose first segments gather the same weights compute them once (a GA's
-        # sensitive layers keep every kernel in every row); see `shared_prefixes`
-        depth, prefix_of = shared_prefixes(segs, [row_inputs(m) for m in range(total)],
-                                           chunk_rows=num_chunks, budget=self.prefix_bytes)
-        prefixes: dict = {}
-        # rows that share no prefix take their first segment's channels from one full-width run
-        # of it (per call), when that is exact (`Segmented.first_is_shareable`) and fits; then,
-        # where `Segmented.second_grouping` allows, run segment 1 for groups of rows at once
+        # -- the first segment at full width, once per call
         full_first = None
-        unshared = [m for m in range(total) if depth[m] < 0]
-        if unshared and self.prefix_bytes and segs.first_is_shareable():
+        if self.share_first is not False and self.prefix_bytes and segs.first_is_shareable():
             full_sizes = {gid[n]: self.graph.num_kernels[n] for n in free}
-            need = segs.live_bytes(0, full_sizes) * num_chunks
-            if need + sum(segs.live_bytes(d, row_inputs(m)[0]) * num_chunks
-                          for m, d in prefix_of.values()) <= self.prefix_bytes:
+            if segs.live_bytes(0, full_sizes) * num_chunks <= self.prefix_bytes:
                 full_first = []
                 for c in chunks:
-                    env = {x_var: c}
-                    vals = segs.run(0, {}, segs.gather(0, {}, leaves, {}), {},
-                                    [env[v] for v in segs.segments[0].live_in])
-                    env.update(zip(segs.segments[0].live_out, vals))
+                    env = run_chunk({x_var: c}, 0, 1, {}, {}, {0: segs.gather(0, {}, leaves, {}, {})})
                     full_first.append([env[v] for v in segs.live_after[0]])
         grouping = None
         if full_first is not None and self.group_rows > 1:
             grouping = segs.second_grouping()
-            if grouping is not None and full_sizes[grouping.g0] > SHARE_MAX_K0:
+            if grouping is not None and self.share_first is None and \
+                    full_sizes[grouping.g0] > SHARE_MAX_K0:
                 grouping = None  # a wide first site: the rows' own narrower inputs are faster
+
+        def start_envs(m):
+            """Row m's values after its first computed segments: (envs per chunk, next)."""
+            if full_first is None:
+                return [{x_var: c} for c in chunks], 0
+            sizes, idx, _ = row_inputs(m)
+            return [dict(zip(segs.live_after[0], segs.take_live(0, sizes, vals, idx)))
+                    for vals in full_first], 1
+
+        # -- shared prefixes (not with grouping: its rows compute segment 1 together anyway)
+        depth, prefix_of = [-1] * total, {}
+        if grouping is None:
+            budget = self.prefix_bytes - (0 if full_first is None else
+                                          segs.live_bytes(0, full_sizes) * num_chunks)
+            depth, prefix_of = shared_prefixes(
+                segs, [row_inputs(m) for m in range(total)], chunk_rows=num_chunks,
+                budget=max(budget, 0), min_depth=0 if full_first is None else 1)
+        prefixes: dict = {}
 
         def compute_prefix(key):
             m, d = prefix_of[key]
-            sizes, idx, valid = row_inputs(m)
-            envs = []
-            for c in chunks:
-                env = {x_var: c}
-                for k in range(d + 1):
-                    seg = segs.segments[k]
-                    vals = segs.run(k, sizes, segs.gather(k, sizes, leaves, idx), valid,
-                                    [env[v] for v in seg.live_in])
-                    env.update(zip(seg.live_out, vals))
-                envs.append({v: env[v] for v in segs.live_after[d]})
-            return key, envs
+            envs, first = start_envs(m)
+            sizes, valid, gathered = gathered_from(m, first, d + 1)
+            return key, [run_chunk(env, first, d + 1, sizes, valid, gathered) for env in envs]
 
         def run_row(m):
             d = depth[m]
             if d >= 0:
-                envs = prefixes[prefix_key(segs, row_inputs(m), d)]
-            elif full_first is not None:
-                sizes, idx, _ = row_inputs(m)
-                envs = [dict(zip(segs.live_after[0], segs.take_live(0, sizes, vals, idx)))
-                        for vals in full_first]
-                d = 0
+                envs, first = prefixes[prefix_key(segs, row_inputs(m), d)], d + 1
             else:
-                envs = [{x_var: c} for c in chunks]
-            sizes, valid, gathered = gather_row(m, d + 1)
-            return [(m, logits(m, [finish_chunk(dict(env), d + 1, sizes, valid, gathered)
-                                   for env in envs]))]
+                envs, first = start_envs(m)
+            sizes, valid, gathered = gathered_from(m, first, num_segments)
+            return [(m, logits(m, [run_chunk(dict(env), first, num_segments, sizes, valid,
+                                             gathered)[segs.out_var] for env in envs]))]
 
         def run_group(members):
-            """Rows with the same segment-1 bucket: segment 1 as one module, then each row."""
+            """`group_rows` rows (the last repeated to fill) with the same segment-1 bucket:
+            segment 1 as one module, then each row on its own."""
             g0, g1 = grouping.g0, grouping.g1
             site0 = next(n for n in free if gid[n] == g0)
             site1 = next(n for n in free if gid[n] == g1)
-            rows = [gather_row(m, 2) for m in members]
+            padded = list(members) + [members[-1]] * (self.group_rows - len(members))
+            rows = [gathered_from(m, 2, num_segments) for m in members]
             b1 = int(plan.sizes[site1][members[0]])
-            blocks = [(plan.indices[site1][m, :b1], flat_masks[site0][m]) for m in members]
+            blocks = [(plan.indices[site1][m, :b1], flat_masks[site0][m]) for m in padded]
             group_leaves = segs.gather_group(grouping, leaves, blocks)
-            sizes_g = {g1: b1 * len(members)}
-            valid_g = {g1: np.concatenate([valid[g1] for _, valid, _ in rows])}
+            sizes_g = {g1: b1 * len(padded)}
+            valid_g = {g1: np.concatenate([row_inputs(m)[2][g1] for m in padded])}
             seg1 = segs.segments[1]
             outs = [[] for _ in members]
             for vals0 in full_first:
@@ -343,23 +364,20 @@ class GraphFastEvaluator(RowCache):
                            jax.lax.slice_in_dim(value, j * b1, (j + 1) * b1, axis=ax)
                            for v, value, ax in zip(segs.live_after[1], shared,
                                                    grouping.slice_axis)}
-                    outs[j].append(finish_chunk(env, 2, sizes, valid, gathered))
+                    env = run_chunk(env, 2, num_segments, sizes, valid, gathered)
+                    outs[j].append(env[segs.out_var])
             return [(m, logits(m, o)) for m, o in zip(members, outs)]
 
-        tasks = []
         # rows with equal buckets one after another: a new shape compiles once, on one thread
         order = [int(m) for m in np.lexsort([plan.sizes[n] for n in free][::-1])]
         if grouping is not None:
             site1 = next(n for n in free if gid[n] == grouping.g1)
             by_bucket: dict = {}
             for m in order:
-                if depth[m] < 0:
-                    by_bucket.setdefault(int(plan.sizes[site1][m]), []).append(m)
-                else:
-                    tasks.append((run_row, m))
-            for members in by_bucket.values():
-                for group in split_groups(members, self.group_rows, self.num_workers):
-                    tasks.append((run_group, group))
+                by_bucket.setdefault(int(plan.sizes[site1][m]), []).append(m)
+            tasks = [(run_group, members[i:i + self.group_rows])
+                     for members in by_bucket.values()
+                     for i in range(0, len(members), self.group_rows)]
         else:
             tasks = [(run_row, m) for m in order]
         out = np.empty((total, num_chunks * chunk), np.float32)
@@ -372,23 +390,6 @@ class GraphFastEvaluator(RowCache):
         return out[:, :num_images]
 
 
-def split_groups(members: list, group_rows: int, num_workers: int) -> list[list]:
-    """`members` cut into groups of power-of-two sizes <= `group_rows` (few compiled widths),
-    small enough that there are at least `num_workers` groups when members allow."""
-    size = 1
-    while size * 2 <= group_rows:
-        size *= 2
-    while size > 1 and -(-len(members) // size) < num_workers:
-        size //= 2
-    groups, rest = [], list(members)
-    while rest:
-        while size > len(rest):
-            size //= 2
-        groups.append(rest[:size])
-        rest = rest[size:]
-    return groups
-
-
 def prefix_key(segs: segments_lib.Segmented, row: tuple, depth: int) -> bytes:
     """What segments 0..depth of a row compute from: its channels and flags at their groups."""
     sizes, idx, valid = row
@@ -398,14 +399,15 @@ def prefix_key(segs: segments_lib.Segmented, row: tuple, depth: int) -> bytes:
 
 
 def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int,
-                    budget: int) -> tuple[list[int], dict]:
+                    budget: int, min_depth: int = 0) -> tuple[list[int], dict]:
     """For every row, the deepest segment whose outputs another row of the call shares.
 
     Rows that gather the same channels at every group of segments 0..d
     compute the same values there (on the same images), so those are
     computed once per call and kept (for all image chunks) while the rows
     run. Deepest shared prefixes first, each kept only while the kept values
-    fit in `budget` bytes.
+    fit in `budget` bytes. Depths below `min_depth` are not considered (those
+    segments are computed once for all rows another way).
 
     Returns:
       `(depth, prefix_of)`: `depth[m]` is -1 (nothing shared) or the last
@@ -419,14 +421,14 @@ def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int
     counts: dict = {}
     keys = []
     for row in rows:
-        row_keys = [prefix_key(segs, row, d) for d in range(num - 1)]
+        row_keys = [prefix_key(segs, row, d) if d >= min_depth else b"" for d in range(num - 1)]
         keys.append(row_keys)
         for d, k in enumerate(row_keys):
             counts[(d, k)] = counts.get((d, k), 0) + 1
     prefix_of: dict = {}
     used = 0
     for m, row in enumerate(rows):
-        for d in range(num - 2, -1, -1):
+        for d in range(num - 2, min_depth - 1, -1):
             k = keys[m][d]
             if counts[(d, k)] < 2:
                 continue
@@ -440,19 +442,3 @@ def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int
                 depth[m] = d
                 break
     return depth, prefix_of
-
-
-def make_graph_fast_evaluator(graph: Any, *, chunk_individuals: int = 16,
-                              chunk_images: int = 1000, num_buckets: int = DEFAULT_NUM_BUCKETS,
-                              num_workers: int | None = None,
-                              cache_bytes: int = DEFAULT_CACHE_BYTES,
-                              matmul_max_hw: int = DENSE_MAX_HW,
-                              **unused_options) -> GraphFastEvaluator:
-    """A `GraphFastEvaluator` (what `make_evaluator(graph, "fast")` returns for a model that is
-    not a `ConvNet`). The ConvNet backend's own options (`share_first_conv`, `num_buckets`)
-    do not apply and are ignored."""
-    del unused_options
-    return GraphFastEvaluator(graph, chunk_individuals=chunk_individuals,
-                              chunk_images=chunk_images, num_buckets=num_buckets,
-                              num_workers=num_workers, cache_bytes=cache_bytes,
-                              matmul_max_hw=matmul_max_hw)
