@@ -312,7 +312,7 @@ def test_user_input_failures_are_one_message(tmp_path, tiny_config, searched):
     modules = run / "modularize" / "modules.npz"
     modules.write_bytes(modules.read_bytes()[:100])
     res = jaxsplit_cli("patch", "--run", str(run), "--no-progress")
-    assert_one_error(res, "patch", str(modules), "not a readable modules file",
+    assert_one_error(res, "patch", str(modules), "cannot read modules file",
                      f"jaxsplit modularize --run {run} --restart")
 
 
