@@ -198,13 +198,24 @@ def test_rows_share_the_segments_they_compute_alike(cases):
     assert_close(L_shared, np.asarray(want))
 
 
-@pytest.mark.parametrize("name,share", [("simcnn", None), ("simcnn", True), ("resnet", None),
-                                        ("rescnn", None)])
-def test_a_row_does_not_depend_on_the_other_rows_of_the_call(cases, name, share):
+@pytest.mark.parametrize("name,share,sensitive", [
+    ("simcnn", None, False), ("simcnn", None, True), ("simcnn", True, False),
+    ("resnet", None, True), ("rescnn", None, False)])
+def test_a_row_does_not_depend_on_the_other_rows_of_the_call(cases, name, share, sensitive):
     """Whatever shares work between rows (the first segment at full width, the grouped second
     segment, shared prefixes), each row's numbers are those it gets alone: the row cache and
-    a resumed search rely on it."""
+    a resumed search rely on it. `sensitive`: every row keeps the first two sites whole (as
+    the GA's sensitive layers), so rows share prefixes."""
     graph, variables, masks, images, classes, ref = cases(name)
+    if sensitive:
+        masks = {n: np.asarray(v).copy() for n, v in masks.items()}
+        for n in graph.free_layers[:2]:
+            masks[n][:] = True
+        for group in graph.ties:
+            for n in group[1:]:
+                masks[n] = masks[group[0]]
+        ref = np.asarray(E.ReferenceEvaluator(graph, jaxsplit.masked_apply(graph),
+                                              chunk_images=4)(variables, masks, images, classes))
     evaluate_fn = FG.GraphFastEvaluator(graph, chunk_images=4, cache_bytes=0, share_first=share,
                                         group_rows=4)
     together = np.asarray(evaluate_fn(variables, masks, images, classes))

@@ -241,7 +241,9 @@ class GraphFastEvaluator(RowCache):
         * otherwise rows start from the images.
         Rows that gather the same weights in further segments (a GA's
         sensitive layers) run those once (`shared_prefixes`): the same compiled
-        functions on the same values, so the same numbers.
+        functions on the same values, so the same numbers (with grouping, the
+        shared prefix is the row's grouped segment 1, the row in every block:
+        a block's numbers do not depend on the other blocks).
         """
         plan = plan_rows(self.graph, flat_masks, self.num_buckets)
         total = int(row_class.shape[0])
@@ -313,19 +315,47 @@ class GraphFastEvaluator(RowCache):
             return [dict(zip(segs.live_after[0], segs.take_live(0, sizes, vals, idx)))
                     for vals in full_first], 1
 
-        # -- shared prefixes (not with grouping: its rows compute segment 1 together anyway)
-        depth, prefix_of = [-1] * total, {}
-        if grouping is None:
-            budget = self.prefix_bytes - (0 if full_first is None else
-                                          segs.live_bytes(0, full_sizes) * num_chunks)
-            depth, prefix_of = shared_prefixes(
-                segs, [row_inputs(m) for m in range(total)], chunk_rows=num_chunks,
-                budget=max(budget, 0), min_depth=0 if full_first is None else 1)
+        # -- shared prefixes: rows that gather the same weights up to a segment compute it once
+        budget = self.prefix_bytes - (0 if full_first is None else
+                                      segs.live_bytes(0, full_sizes) * num_chunks)
+        depth, prefix_of = shared_prefixes(
+            segs, [row_inputs(m) for m in range(total)], chunk_rows=num_chunks,
+            budget=max(budget, 0), min_depth=0 if full_first is None else 1)
         prefixes: dict = {}
+
+        def grouped_second(padded, vals0):
+            """Segment 1 of `padded` rows (same bucket) as one module on one chunk -> the
+            values live after it, shared by the rows (block j of each g1 axis is row j's)."""
+            g0, g1 = grouping.g0, grouping.g1
+            site0 = next(n for n in free if gid[n] == g0)
+            site1 = next(n for n in free if gid[n] == g1)
+            b1 = int(plan.sizes[site1][padded[0]])
+            blocks = [(plan.indices[site1][m, :b1], flat_masks[site0][m]) for m in padded]
+            group_leaves = segs.gather_group(grouping, leaves, blocks)
+            sizes_g = {g1: b1 * len(padded)}
+            valid_g = {g1: np.concatenate([row_inputs(m)[2][g1] for m in padded])}
+            seg1 = segs.segments[1]
+            env0 = dict(zip(segs.live_after[0], vals0))
+            env1 = dict(zip(seg1.live_out, segs.run(1, sizes_g, group_leaves, valid_g,
+                                                    [env0[v] for v in seg1.live_in])))
+            return [env1[v] if v in env1 else env0[v] for v in segs.live_after[1]], b1
+
+        def member_env(shared, b1, j):
+            return {v: value if ax is None else
+                    jax.lax.slice_in_dim(value, j * b1, (j + 1) * b1, axis=ax)
+                    for v, value, ax in zip(segs.live_after[1], shared, grouping.slice_axis)}
 
         def compute_prefix(key):
             m, d = prefix_of[key]
-            envs, first = start_envs(m)
+            if grouping is not None:  # row m's own grouped computation: itself in every block
+                padded = [m] * self.group_rows
+                envs = []
+                for vals0 in full_first:
+                    shared, b1 = grouped_second(padded, vals0)
+                    envs.append(member_env(shared, b1, 0))
+                first = 2
+            else:
+                envs, first = start_envs(m)
             sizes, valid, gathered = gathered_from(m, first, d + 1)
             return key, [run_chunk(env, first, d + 1, sizes, valid, gathered) for env in envs]
 
@@ -342,29 +372,14 @@ class GraphFastEvaluator(RowCache):
         def run_group(members):
             """`group_rows` rows (the last repeated to fill) with the same segment-1 bucket:
             segment 1 as one module, then each row on its own."""
-            g0, g1 = grouping.g0, grouping.g1
-            site0 = next(n for n in free if gid[n] == g0)
-            site1 = next(n for n in free if gid[n] == g1)
             padded = list(members) + [members[-1]] * (self.group_rows - len(members))
             rows = [gathered_from(m, 2, num_segments) for m in members]
-            b1 = int(plan.sizes[site1][members[0]])
-            blocks = [(plan.indices[site1][m, :b1], flat_masks[site0][m]) for m in padded]
-            group_leaves = segs.gather_group(grouping, leaves, blocks)
-            sizes_g = {g1: b1 * len(padded)}
-            valid_g = {g1: np.concatenate([row_inputs(m)[2][g1] for m in padded])}
-            seg1 = segs.segments[1]
             outs = [[] for _ in members]
             for vals0 in full_first:
-                env0 = dict(zip(segs.live_after[0], vals0))
-                env1 = dict(zip(seg1.live_out, segs.run(1, sizes_g, group_leaves, valid_g,
-                                                        [env0[v] for v in seg1.live_in])))
-                shared = [env1[v] if v in env1 else env0[v] for v in segs.live_after[1]]
+                shared, b1 = grouped_second(padded, vals0)
                 for j, (sizes, valid, gathered) in enumerate(rows):
-                    env = {v: value if ax is None else
-                           jax.lax.slice_in_dim(value, j * b1, (j + 1) * b1, axis=ax)
-                           for v, value, ax in zip(segs.live_after[1], shared,
-                                                   grouping.slice_axis)}
-                    env = run_chunk(env, 2, num_segments, sizes, valid, gathered)
+                    env = run_chunk(member_env(shared, b1, j), 2, num_segments, sizes, valid,
+                                    gathered)
                     outs[j].append(env[segs.out_var])
             return [(m, logits(m, o)) for m, o in zip(members, outs)]
 
@@ -373,11 +388,15 @@ class GraphFastEvaluator(RowCache):
         if grouping is not None:
             site1 = next(n for n in free if gid[n] == grouping.g1)
             by_bucket: dict = {}
+            tasks = []
             for m in order:
-                by_bucket.setdefault(int(plan.sizes[site1][m]), []).append(m)
-            tasks = [(run_group, members[i:i + self.group_rows])
-                     for members in by_bucket.values()
-                     for i in range(0, len(members), self.group_rows)]
+                if depth[m] >= 0:  # from its shared prefix (computed as in its own group)
+                    tasks.append((run_row, m))
+                else:
+                    by_bucket.setdefault(int(plan.sizes[site1][m]), []).append(m)
+            tasks += [(run_group, members[i:i + self.group_rows])
+                      for members in by_bucket.values()
+                      for i in range(0, len(members), self.group_rows)]
         else:
             tasks = [(run_row, m) for m in order]
         out = np.empty((total, num_chunks * chunk), np.float32)
