@@ -421,7 +421,11 @@ def memory_child(spec: Mapping[str, Any]) -> dict[str, Any]:
             block(evaluate_fn({"params": params}, masks, x, cls))
     base = _status_mib("VmRSS")
     call()
-    with_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across execve, so a child
+    # started by a large parent reports the parent's peak
+    with_compile = _status_mib("VmHWM")
+    if with_compile is None:
+        with_compile = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     reset = _reset_peak_rss()
     call()
     peak = _status_mib("VmHWM") if reset else with_compile

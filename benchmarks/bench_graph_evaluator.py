@@ -147,7 +147,7 @@ def plot(paths: list[str], out: str) -> None:
     records = [json.loads(Path(p).read_text()) for p in paths]
     keys = [(r["model"], r["profile"]) for r in records[0]["results"]]
     names = {"reference": "reference backend", "fast": "fast backend",
-             "convnet_fast": "tuned ConvNet-only fast"}
+             "convnet_fast": "fast backend"}
     series = []  # (legend, {key: rate}); the reference backend from the first record only
     for j, rec in enumerate(records):
         by = {(r["model"], r["profile"]): r for r in rec["results"]}
@@ -168,7 +168,8 @@ def plot(paths: list[str], out: str) -> None:
                color=colors.get(label))
     ax.set_xticks(xs + width * (len(series) - 1) / 2, [f"{m}\n{p} masks" for m, p in keys],
                   fontsize=8)
-    ax.set_ylabel("solution·images / s (steady state)")
+    ax.set_yscale("log")
+    ax.set_ylabel("solution·images / s (steady state, log scale)")
     ax.set_title(f"Population evaluation on traced models, {records[0]['population']} masks x "
                  f"{records[0]['images']} images (higher is better)", fontsize=9)
     ax.legend(fontsize=8)

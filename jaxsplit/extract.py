@@ -389,10 +389,7 @@ def _gather_leaves(graph: Graph, variables: Mapping, idx_by_name: Mapping[str, j
         if not any(lay is not None and graph_lib._groups(lay) & set(idx) for lay in lab):
             continue
         value = np.asarray(out[leaf]) if host else out[leaf]
-        for ax, lay in enumerate(lab):
-            if lay is not None and graph_lib._groups(lay) & set(idx):
-                value = xp.take(value, graph_lib._indices(lay, idx, xp), axis=ax)
-        out[leaf] = jnp.asarray(value)
+        out[leaf] = jnp.asarray(graph_lib.take_channels(value, lab, idx, xp))
     return jax.tree_util.tree_unflatten(plan.treedef, out)
 
 

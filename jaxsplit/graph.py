@@ -192,6 +192,23 @@ def _indices(lay: Layout, idx: Mapping[int, Any], xp: Any = jnp) -> Any:
     return flat
 
 
+def take_channels(value: Any, lab: Sequence[Layout | None], idx: Mapping[int, Any],
+                  xp: Any = jnp) -> Any:
+    """`value` (a variables leaf or an activation whose axes are laid out as `lab`) with every
+    channel-labelled axis cut to the channels `idx` (`{group: int[B_g]}`; groups not in `idx`
+    stay whole). The one gathering rule of extraction (`jaxsplit.extract`) and of the fast
+    evaluator's segments (`jaxsplit.segments`); `xp` is `jnp` or `np`."""
+    axes = [ax for ax, lay in enumerate(lab) if lay is not None and _groups(lay) & set(idx)]
+    if xp is np and len(axes) == 2 and axes[1] == axes[0] + 1:
+        # a conv kernel's (in, out) or a Dense kernel: one fancy-indexing pass instead of two
+        # takes (measured: 0.28 against 0.44 ms for a 3x3x512x512 kernel cut to 160 x 160)
+        rows, cols = (_indices(lab[a], idx, np) for a in axes)
+        return value[(slice(None),) * axes[0] + (rows[:, None], cols[None, :])]
+    for ax in axes:
+        value = xp.take(value, _indices(lab[ax], idx, xp), axis=ax)
+    return value
+
+
 def _vector(lay: Layout, vec: Mapping[int, jax.Array], sizes: Mapping[int, int],
             dtype: Any, xp: Any = jnp) -> jax.Array | None:
     """The per-entry multiplier of a layout (mask / valid), or None when all ones.

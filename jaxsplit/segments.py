@@ -17,8 +17,8 @@ evaluator do, derived here from the traced graph of any model.
 Each segment has
 
 * `gather(k, sizes, leaves, indices)`: its variables leaves, gathered along
-  every channel-labelled axis (`jaxsplit.extract.gather`'s rule) on the host
-  — once per module;
+  every channel-labelled axis on the host (`graph.take_channels`, the rule
+  of `jaxsplit.extract`) — once per module;
 * `run(k, sizes, gathered, valid, live)`: its equations, jitted, on one image
   chunk, from the values it reads (`live`: the previous segments' outputs it
   uses, the images for the first) to the values later segments or the output
@@ -126,10 +126,7 @@ class Segmented:
         idx = {g: np.asarray(indices[g], np.int32) for g in seg.groups if g in sizes}
         out = []
         for i in seg.leaves:
-            value = leaves[i]
-            for ax, lay in enumerate(labels.get(i, ())):
-                if lay is not None and graph_lib._groups(lay) & set(idx):
-                    value = np.take(value, graph_lib._indices(lay, idx, np), axis=ax)
+            value = graph_lib.take_channels(leaves[i], labels.get(i, ()), idx, np)
             if valid:
                 for ax, lay in self._consumer_axes.get(i, ()):
                     vec = graph_lib._vector(lay, {g: v for g, v in valid.items() if g in idx},
@@ -406,13 +403,7 @@ def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
 
 
 def _take(labels: list, values: tuple, idx: dict) -> tuple:
-    out = []
-    for lab, value in zip(labels, values):
-        for ax, lay in enumerate(lab):
-            if lay is not None and graph_lib._groups(lay) & set(idx):
-                value = jnp.take(value, graph_lib._indices(lay, idx, jnp), axis=ax)
-        out.append(value)
-    return tuple(out)
+    return tuple(graph_lib.take_channels(v, lab, idx, jnp) for lab, v in zip(labels, values))
 
 
 def _run_fn(seg_set: Segmented, k: int):
