@@ -93,7 +93,6 @@ from jaxsplit.search.fast_evaluate import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_NUM_BUCKETS,
     DENSE_MAX_HW,
-    SHARE_MAX_K0,
     RowCache,
     bucket_size,
     default_num_workers,
@@ -157,8 +156,7 @@ class GraphFastEvaluator(RowCache):
         (`segments.Segmented.second_grouping`; the last group of a call padded);
         1 turns it off.
       share_first: None (default): the first segment at full width for all rows
-        when exact, the grouped second segment when the first site has at most
-        `SHARE_MAX_K0` kernels; True: grouped whatever the width; False: neither.
+        when exact; True: also the grouped second segment; False: neither.
       num_workers: threads running rows concurrently.
       host_side: True: call it outside `jit` for its speed.
     """
@@ -232,12 +230,12 @@ class GraphFastEvaluator(RowCache):
         the options, never on the other rows of the call (so rows can be
         cached and a search resumed bit for bit):
 
-        * `share_first` and segment 0 shareable (`Segmented.first_is_shareable`)
-          and its full-width values within `prefix_bytes`: segment 0 runs once at
-          full width and every row takes its channels (`take_live`);
-          then, if the first site is narrow (<= `SHARE_MAX_K0` kernels, or
-          `share_first=True`) and `second_grouping` allows, segment 1 runs for
-          `group_rows` rows at once (groups padded to that width);
+        * `share_first` not False, segment 0 shareable
+          (`Segmented.first_is_shareable`) and its full-width values within
+          `prefix_bytes`: segment 0 runs once at full width and every row takes
+          its channels (`take_live`); then, with `share_first=True` and where
+          `second_grouping` allows, segment 1 runs for `group_rows` rows at once
+          (groups padded to that width);
         * otherwise rows start from the images.
         Rows that gather the same weights in further segments (a GA's
         sensitive layers) run those once (`shared_prefixes`): the same compiled
@@ -300,12 +298,12 @@ class GraphFastEvaluator(RowCache):
                 for c in chunks:
                     env = run_chunk({x_var: c}, 0, 1, {}, {}, {0: segs.gather(0, {}, leaves, {}, {})})
                     full_first.append([env[v] for v in segs.live_after[0]])
+        # the grouped second segment only when asked for (share_first=True): measured on 2
+        # cores it gained up to 5% on uniform masks and lost 10-20% on GA-like ones (VGG-11-BN
+        # and SimCNN x 0.25, 500 images), where the shared prefixes already cover segment 1
         grouping = None
-        if full_first is not None and self.group_rows > 1:
+        if full_first is not None and self.group_rows > 1 and self.share_first is True:
             grouping = segs.second_grouping()
-            if grouping is not None and self.share_first is None and \
-                    full_sizes[grouping.g0] > SHARE_MAX_K0:
-                grouping = None  # a wide first site: the rows' own narrower inputs are faster
 
         def start_envs(m):
             """Row m's values after its first computed segments: (envs per chunk, next)."""
