@@ -179,11 +179,11 @@ def model_description(model_cfg: ModelConfig, model: ConvNet) -> dict[str, Any]:
 # the development machine measured (2 x86_64 cores, jax CPU; README "Results"): training
 # (forward + backward = 3x the forward MACs) ran at ~1.5e10 MACs/s/core; the "fast" search
 # evaluator at ~6.6e10 full-model MACs/s/core (it skips dropped kernels and caches shared
-# layers); the "reference" evaluator is ~7x slower than "fast" on CPU. "fast_graph" is the "fast"
-# backend for a model that is not a ConvNet (search/fast_graph.py): measured at 1.6-2.8e10
-# full-model MACs/s/core on SimCNN width 0.25 (2 loaded cores), about 0.55x the tuned ConvNet one.
+# layers); the "reference" evaluator is ~7x slower than "fast" on CPU. Since the fast evaluator is
+# one for every model (search/fast_graph.py), the same figure holds for traced models, whose
+# narrow ResNets run closer to the reference (README, Performance).
 TRAIN_MACS_PER_S_PER_CORE = 5e9
-SEARCH_MACS_PER_S_PER_CORE = {"fast": 2.5e10, "auto": 2.5e10, "fast_graph": 1e10, "reference": 3e9}
+SEARCH_MACS_PER_S_PER_CORE = {"fast": 2.5e10, "auto": 2.5e10, "reference": 3e9}
 ESTIMATE_THRESHOLD_S = 15 * 60  # stages expected to take longer print an estimate first
 # (train images, channels, classes) of the datasets whose sizes are known without loading them
 KNOWN_DATASETS = {"fashion_mnist": (60_000, 1, 10), "mnist": (60_000, 1, 10),

@@ -119,9 +119,10 @@ class SearchConfig:
     chunk_individuals: int = 16
     chunk_images: int = 1000
     # "fast" backend only (search/fast_graph.py): run the first conv segment once at full width
-    # for all modules (None, the default; True: also the second one for groups of 16 modules
-    # at once; False: neither), and memory for the logit rows it reuses when a (class, mask)
-    # comes back (0: off; results never depend on it)
+    # for all modules and, when the first site has <= 32 kernels, the second one for groups of
+    # 16 modules at once (None: decided by the model; True: group whatever the width; False:
+    # neither), and memory for the logit rows it reuses when a (class, mask) comes back (0: off;
+    # results never depend on it)
     share_first_conv: bool | None = None
     eval_cache_mib: int = 256
     # "device" backend only (search/device_evaluate.py): float32, or tensorfloat32 / bfloat16

@@ -435,8 +435,6 @@ def _run_modularize(run_dir: Path, cfg, resume: bool, *, restart: bool, progress
     if backend == "auto":  # what make_evaluator will pick for this model
         backend = resolve_backend(convnet if convnet is not None else graph,
                                   jax.default_backend())
-    if backend == "fast" and convnet is None:
-        backend = "fast_graph"  # the generic fast evaluator (search/fast_graph.py)
     estimate = pipeline.search_estimate(graph, num_classes, scfg.population_size, num_valid,
                                         scfg.num_generations + 1 - done_before, backend=backend)
     if estimate is not None:

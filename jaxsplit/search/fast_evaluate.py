@@ -41,6 +41,7 @@ DEFAULT_NUM_BUCKETS = 32
 ALIGN = 8
 MAX_WORKERS = 4
 DEFAULT_CACHE_BYTES = 256 * 2**20  # evaluated rows kept for reuse (see `_evaluate_cached`)
+SHARE_MAX_K0 = 32  # group the second segment of rows by default when the first site has <= 32
 
 
 def conv_method(hw: tuple[int, int]) -> str:
@@ -243,8 +244,9 @@ def make_fast_evaluator(target: Any, *, chunk_individuals: int = 16, chunk_image
       num_buckets: bucket sizes per site (more: less padding, more compiled shapes).
       num_workers: threads running modules concurrently (None: `default_num_workers()`).
       share_first_conv: `GraphFastEvaluator`'s `share_first`: None (default): the
-        first segment at full width for all rows when exact; True: also the
-        second segment for groups of rows at once; False: neither.
+        first segment at full width for all rows when exact and, with a first
+        site of at most `SHARE_MAX_K0` kernels, the second segment for groups of
+        rows at once; True: grouped whatever the width; False: neither.
       cache_bytes: memory for rows of `L` kept for reuse when the same
         (class, mask) comes back with the same variables and images (a GA's
         kept parents and hall of fame); 0 turns it off.

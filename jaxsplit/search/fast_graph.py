@@ -93,6 +93,7 @@ from jaxsplit.search.fast_evaluate import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_NUM_BUCKETS,
     DENSE_MAX_HW,
+    SHARE_MAX_K0,
     RowCache,
     bucket_size,
     default_num_workers,
@@ -156,7 +157,8 @@ class GraphFastEvaluator(RowCache):
         (`segments.Segmented.second_grouping`; the last group of a call padded);
         1 turns it off.
       share_first: None (default): the first segment at full width for all rows
-        when exact; True: also the grouped second segment; False: neither.
+        when exact, the grouped second segment when the first site has at most
+        `SHARE_MAX_K0` kernels; True: grouped whatever the width; False: neither.
       num_workers: threads running rows concurrently.
       host_side: True: call it outside `jit` for its speed.
     """
@@ -233,15 +235,17 @@ class GraphFastEvaluator(RowCache):
         * `share_first` not False, segment 0 shareable
           (`Segmented.first_is_shareable`) and its full-width values within
           `prefix_bytes`: segment 0 runs once at full width and every row takes
-          its channels (`take_live`); then, with `share_first=True` and where
-          `second_grouping` allows, segment 1 runs for `group_rows` rows at once
-          (groups padded to that width);
+          its channels (`take_live`); then, if the first site is narrow (<=
+          `SHARE_MAX_K0` kernels, or `share_first=True`) and `second_grouping`
+          allows, segment 1 of the rows that do not keep both first sites
+          whole runs for `group_rows` rows at once (groups padded to that
+          width);
         * otherwise rows start from the images.
         Rows that gather the same weights in further segments (a GA's
         sensitive layers) run those once (`shared_prefixes`): the same compiled
-        functions on the same values, so the same numbers (with grouping, the
-        shared prefix is the row's grouped segment 1, the row in every block:
-        a block's numbers do not depend on the other blocks).
+        functions on the same values, so the same numbers (with grouping, only
+        the rows that run on their own share prefixes; in a group, a block's
+        numbers do not depend on the other blocks).
         """
         plan = plan_rows(self.graph, flat_masks, self.num_buckets)
         total = int(row_class.shape[0])
@@ -298,12 +302,22 @@ class GraphFastEvaluator(RowCache):
                 for c in chunks:
                     env = run_chunk({x_var: c}, 0, 1, {}, {}, {0: segs.gather(0, {}, leaves, {}, {})})
                     full_first.append([env[v] for v in segs.live_after[0]])
-        # the grouped second segment only when asked for (share_first=True): measured on 2
-        # cores it gained up to 5% on uniform masks and lost 10-20% on GA-like ones (VGG-11-BN
-        # and SimCNN x 0.25, 500 images), where the shared prefixes already cover segment 1
         grouping = None
-        if full_first is not None and self.group_rows > 1 and self.share_first is True:
+        if full_first is not None and self.group_rows > 1:
             grouping = segs.second_grouping()
+            if grouping is not None and self.share_first is None and \
+                    full_sizes[grouping.g0] > SHARE_MAX_K0:
+                grouping = None  # a wide first site: the rows' own narrower inputs are faster
+        grouped = [False] * total
+        if grouping is not None:
+            # a row keeping both first sites whole (the GA's sensitive layers) runs on its own,
+            # from a prefix shared with the other such rows; the others in groups. Decided by
+            # the row alone, so its numbers do not depend on the call.
+            site0 = next(n for n in free if gid[n] == grouping.g0)
+            site1 = next(n for n in free if gid[n] == grouping.g1)
+            whole = (plan.counts[site0] == self.graph.num_kernels[site0]) & \
+                (plan.counts[site1] == self.graph.num_kernels[site1])
+            grouped = [not bool(w) for w in whole]
 
         def start_envs(m):
             """Row m's values after its first computed segments: (envs per chunk, next)."""
@@ -316,9 +330,14 @@ class GraphFastEvaluator(RowCache):
         # -- shared prefixes: rows that gather the same weights up to a segment compute it once
         budget = self.prefix_bytes - (0 if full_first is None else
                                       segs.live_bytes(0, full_sizes) * num_chunks)
-        depth, prefix_of = shared_prefixes(
-            segs, [row_inputs(m) for m in range(total)], chunk_rows=num_chunks,
+        alone = [m for m in range(total) if not grouped[m]]
+        sub_depth, prefix_of = shared_prefixes(
+            segs, [row_inputs(m) for m in alone], chunk_rows=num_chunks,
             budget=max(budget, 0), min_depth=0 if full_first is None else 1)
+        prefix_of = {k: (alone[j], d) for k, (j, d) in prefix_of.items()}
+        depth = [-1] * total
+        for j, m in enumerate(alone):
+            depth[m] = sub_depth[j]
         prefixes: dict = {}
 
         def grouped_second(padded, vals0):
@@ -345,15 +364,7 @@ class GraphFastEvaluator(RowCache):
 
         def compute_prefix(key):
             m, d = prefix_of[key]
-            if grouping is not None:  # row m's own grouped computation: itself in every block
-                padded = [m] * self.group_rows
-                envs = []
-                for vals0 in full_first:
-                    shared, b1 = grouped_second(padded, vals0)
-                    envs.append(member_env(shared, b1, 0))
-                first = 2
-            else:
-                envs, first = start_envs(m)
+            envs, first = start_envs(m)
             sizes, valid, gathered = gathered_from(m, first, d + 1)
             return key, [run_chunk(env, first, d + 1, sizes, valid, gathered) for env in envs]
 
@@ -373,12 +384,20 @@ class GraphFastEvaluator(RowCache):
             padded = list(members) + [members[-1]] * (self.group_rows - len(members))
             rows = [gathered_from(m, 2, num_segments) for m in members]
             outs = [[] for _ in members]
+
+            def finish(args):
+                j, shared, b1 = args
+                sizes, valid, gathered = rows[j]
+                return run_chunk(member_env(shared, b1, j), 2, num_segments, sizes, valid,
+                                 gathered)[segs.out_var]
+
             for vals0 in full_first:
                 shared, b1 = grouped_second(padded, vals0)
-                for j, (sizes, valid, gathered) in enumerate(rows):
-                    env = run_chunk(member_env(shared, b1, j), 2, num_segments, sizes, valid,
-                                    gathered)
-                    outs[j].append(env[segs.out_var])
+                jobs = [(j, shared, b1) for j in range(len(members))]
+                # fewer groups than workers (a small call): the members' own segments on threads
+                done = inner.map(finish, jobs) if inner is not None else map(finish, jobs)
+                for j, out_j in enumerate(done):
+                    outs[j].append(out_j)
             return [(m, logits(m, o)) for m, o in zip(members, outs)]
 
         # rows with equal buckets one after another: a new shape compiles once, on one thread
@@ -388,22 +407,30 @@ class GraphFastEvaluator(RowCache):
             by_bucket: dict = {}
             tasks = []
             for m in order:
-                if depth[m] >= 0:  # from its shared prefix (computed as in its own group)
-                    tasks.append((run_row, m))
-                else:
+                if grouped[m]:
                     by_bucket.setdefault(int(plan.sizes[site1][m]), []).append(m)
+                else:
+                    tasks.append((run_row, m))
             tasks += [(run_group, members[i:i + self.group_rows])
                       for members in by_bucket.values()
                       for i in range(0, len(members), self.group_rows)]
         else:
             tasks = [(run_row, m) for m in order]
+        num_groups = sum(1 for t in tasks if t[0] is run_group)
+        inner = None
+        if 0 < num_groups < self.num_workers:
+            inner = concurrent.futures.ThreadPoolExecutor(self.num_workers)
         out = np.empty((total, num_chunks * chunk), np.float32)
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
             for key, envs in pool.map(compute_prefix, list(prefix_of)):
                 prefixes[key] = envs
-            for done in pool.map(lambda t: t[0](t[1]), tasks):
-                for m, row in done:
-                    out[m] = row
+            try:
+                for done in pool.map(lambda t: t[0](t[1]), tasks):
+                    for m, row in done:
+                        out[m] = row
+            finally:
+                if inner is not None:
+                    inner.shutdown()
         return out[:, :num_images]
 
 
