@@ -409,7 +409,7 @@ def gather(graph: Graph, variables: Mapping, indices: Mapping[str, jax.Array],
       target_class: keep only this output column (then the module outputs `(N,)`).
       matmul_max_hw: convs whose input maps are at most this size in every
         spatial dimension run as one dense matmul (faster on CPU for 2x2 maps,
-        see `jaxsplit.search.fast_evaluate.conv_method`); 0: as traced.
+        see `jaxsplit.search.fast_evaluate.DENSE_MAX_HW`); 0: as traced.
 
     Returns:
       `(module_apply, module_variables)`: `module_variables` is `variables` with

@@ -460,26 +460,32 @@ def _walk(jaxpr, consts: Sequence[Any], infos: Sequence[_Info], vals: Sequence[A
         env[v] = (_const_info(tuple(np.shape(c))), c)
     for i, v in enumerate(jaxpr.invars):
         env[v] = (infos[i], None if vals is None else vals[i])
+    _walk_eqns(jaxpr.eqns, env, ctx, values=vals is not None)
+    outs = [_read(env, a) for a in jaxpr.outvars]
+    return [i for i, _ in outs], (None if vals is None else [v for _, v in outs])
 
-    def read(a):
-        if isinstance(a, jcore.Literal):
-            return _const_info(tuple(np.shape(a.val))), a.val
-        return env[a]
 
-    for eqn in jaxpr.eqns:
-        ins = [read(a) for a in eqn.invars]
+def _read(env: Mapping[Any, tuple[_Info, Any]], a) -> tuple[_Info, Any]:
+    if isinstance(a, jcore.Literal):
+        return _const_info(tuple(np.shape(a.val))), a.val
+    return env[a]
+
+
+def _walk_eqns(eqns: Sequence[Any], env: dict[Any, tuple[_Info, Any]], ctx: _Ctx, *,
+               values: bool) -> None:
+    """Interpret `eqns` in order: `env` (variable -> (info, value or None)) gains their
+    outputs. `values=False`: abstract values only (analysis, or infos of an evaluation)."""
+    for eqn in eqns:
+        ins = [_read(env, a) for a in eqn.invars]
         in_infos = [i for i, _ in ins]
-        in_vals = None if vals is None else [v for _, v in ins]
-        name = eqn.primitive.name
-        if name in _SUBJAXPR:
+        in_vals = [v for _, v in ins] if values else None
+        if eqn.primitive.name in _SUBJAXPR:
             sub, sub_consts = _sub_jaxpr(eqn)
             out_infos, out_vals = _walk(sub, sub_consts, in_infos, in_vals, ctx)
         else:
             out_infos, out_vals = _rule(eqn, in_infos, in_vals, ctx)
         for k, v in enumerate(eqn.outvars):
             env[v] = (out_infos[k], None if out_vals is None else out_vals[k])
-    outs = [read(a) for a in jaxpr.outvars]
-    return [i for i, _ in outs], (None if vals is None else [v for _, v in outs])
 
 
 def _avals(eqn) -> list[tuple[int, ...]]:
@@ -846,7 +852,7 @@ def _conv_as_matmul(eqn, x: jax.Array, w: jax.Array) -> jax.Array:
 
     Hand-written because XLA's CPU convolution runs 2x2 maps with hundreds of
     channels ~50-100x below matmul speed (measured: see
-    `jaxsplit.search.fast_evaluate.conv_method`), and no library lowers a
+    `jaxsplit.search.fast_evaluate.DENSE_MAX_HW`), and no library lowers a
     conv this way. Block (p_in, p_out) of the matrix is the kernel tap that
     joins the two positions under the conv's strides and padding, or zero;
     for a 3x3 "SAME" conv on a 2x2 map every pair is joined, so no work is

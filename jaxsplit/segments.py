@@ -98,8 +98,7 @@ class Segmented:
     graph: Graph
     plan: Any
     segments: tuple[Segment, ...]
-    infos: dict  # top-level jaxpr variable -> graph._Info
-    leaf_infos: tuple
+    infos: dict  # top-level jaxpr variable (leaves and input included) -> graph._Info
     out_var: Any
     matmul_max_hw: int
     live_after: tuple  # per segment d: the variables defined up to d and read after it
@@ -124,17 +123,15 @@ class Segmented:
         seg = self.segments[k]
         labels = self.plan.leaf_labels
         idx = {g: np.asarray(indices[g], np.int32) for g in seg.groups if g in sizes}
+        flags = {g: v for g, v in (valid or {}).items() if g in idx}
         out = []
         for i in seg.leaves:
             value = graph_lib.take_channels(leaves[i], labels.get(i, ()), idx, np)
-            if valid:
+            if flags:
                 for ax, lay in self._consumer_axes.get(i, ()):
-                    vec = graph_lib._vector(lay, {g: v for g, v in valid.items() if g in idx},
-                                            sizes, value.dtype, np)
+                    vec = graph_lib._vector(lay, flags, sizes, value.dtype, np)
                     if vec is not None:
-                        shape = [1] * value.ndim
-                        shape[ax] = -1
-                        value = value * vec.reshape(shape)
+                        value = _scale_axis(value, ax, vec)
             out.append(value)
         return tuple(jax.device_put(out))
 
@@ -155,9 +152,7 @@ class Segmented:
             for idx1, mask0 in rows:
                 value = np.take(leaves[i], np.asarray(idx1, np.int32), axis=axis)
                 for ax in grouping.fold_axes[j]:
-                    shape = [1] * value.ndim
-                    shape[ax] = -1
-                    value = value * np.asarray(mask0, value.dtype).reshape(shape)
+                    value = _scale_axis(value, ax, np.asarray(mask0, value.dtype))
                 blocks.append(value)
             out.append(np.concatenate(blocks, axis=axis))
         return tuple(jax.device_put(out))
@@ -191,8 +186,7 @@ class Segmented:
         if len(self.segments) < 2:
             return False
         seg = self.segments[0]
-        groups = [g for g in seg.groups if g != CLASS_GID]
-        if len(groups) != 1 or CLASS_GID in seg.groups:
+        if len(seg.groups) != 1 or seg.groups[0] == CLASS_GID:
             return False
         consumer_paths = {c.path for site in self.graph.sites for c in site.consumers}
         return not any(self.graph.leaf_paths[i] in consumer_paths for i in seg.leaves)
@@ -274,6 +268,13 @@ class Segmented:
         return self._run_fns[k](key, gathered, val, tuple(live))
 
 
+def _scale_axis(value: np.ndarray, axis: int, vec: np.ndarray) -> np.ndarray:
+    """`value` multiplied by `vec` along `axis` (a consumer axis zeroed at dropped channels)."""
+    shape = [1] * value.ndim
+    shape[axis] = -1
+    return value * vec.reshape(shape)
+
+
 def _var_groups(info: Any) -> set[int]:
     out: set[int] = set()
     for lay in info.lab:
@@ -282,8 +283,9 @@ def _var_groups(info: Any) -> set[int]:
     return out
 
 
-def _top_level_infos(graph: Graph, plan: Any) -> tuple[dict, list]:
-    """Every top-level variable's abstract value (`_Info`): one dry evaluation walk."""
+def _top_level_infos(graph: Graph, plan: Any) -> dict:
+    """Every top-level variable's abstract value (`_Info`, leaves and input included): one dry
+    evaluation walk."""
     ctx = graph_lib._Ctx(graph.leaf_paths, plan.leaf_labels, plan.excluded, plan.batch,
                          evaluate=True)
     ctx.root_of = dict(plan.root_of)
@@ -293,26 +295,11 @@ def _top_level_infos(graph: Graph, plan: Any) -> tuple[dict, list]:
     x_aval = plan.closed.in_avals[-1]
     x_info = graph_lib._Info(tuple(x_aval.shape), (None,) * len(x_aval.shape), False,
                              (graph_lib.OPAQUE,) * len(x_aval.shape))
-    env: dict[Any, Any] = {}
-    for v, c in zip(jaxpr.constvars, plan.closed.consts):
-        env[v] = graph_lib._const_info(tuple(np.shape(c)))
-    for v, info in zip(jaxpr.invars, leaf_infos + [x_info]):
-        env[v] = info
-
-    def read(a):
-        return graph_lib._const_info(tuple(np.shape(a.val))) if isinstance(a, jcore.Literal) \
-            else env[a]
-
-    for eqn in jaxpr.eqns:
-        ins = [read(a) for a in eqn.invars]
-        if eqn.primitive.name in graph_lib._SUBJAXPR:
-            sub, sub_consts = graph_lib._sub_jaxpr(eqn)
-            outs, _ = graph_lib._walk(sub, sub_consts, ins, None, ctx)
-        else:
-            outs, _ = graph_lib._rule(eqn, ins, None, ctx)
-        for v, info in zip(eqn.outvars, outs):
-            env[v] = info
-    return env, leaf_infos
+    env: dict[Any, tuple] = {v: (graph_lib._const_info(tuple(np.shape(c))), None)
+                             for v, c in zip(jaxpr.constvars, plan.closed.consts)}
+    env.update({v: (info, None) for v, info in zip(jaxpr.invars, leaf_infos + [x_info])})
+    graph_lib._walk_eqns(jaxpr.eqns, env, ctx, values=False)
+    return {v: info for v, (info, _) in env.items()}
 
 
 def _cut_points(graph: Graph, plan: Any) -> list[int]:
@@ -348,7 +335,7 @@ def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
         return graph._modules[key]
     plan = graph.plan(tuple(x_shape), x_dtype)
     jaxpr = plan.closed.jaxpr
-    infos, leaf_infos = _top_level_infos(graph, plan)
+    infos = _top_level_infos(graph, plan)
     num_leaves = len(jaxpr.invars) - 1
     leaf_index = {v: i for i, v in enumerate(jaxpr.invars[:num_leaves])}
     x_var = jaxpr.invars[-1]
@@ -380,7 +367,7 @@ def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
         live_out = tuple(v for e in eqns for v in e.outvars if last_read.get(v, -1) > k)
         groups: set[int] = set()
         for v in (*reads, *defined):
-            groups |= _var_groups(infos[v] if v in infos else leaf_infos[leaf_index[v]])
+            groups |= _var_groups(infos[v])
         segments.append(Segment(eqns, live_in, live_out, leaves, tuple(sorted(groups))))
     if segments and any(v is not x_var for v in segments[0].live_in):
         raise GraphError("internal: the first segment reads values defined nowhere")
@@ -391,8 +378,8 @@ def segment(graph: Graph, x_shape: tuple[int, ...], x_dtype: Any, *,
                 defined_in[v] = k
     live_after = tuple(tuple(v for v, k in defined_in.items() if k <= d and last_read.get(v, -1) > d)
                        for d in range(len(segments)))
-    out = Segmented(graph, plan, tuple(segments), infos, tuple(leaf_infos), out_var,
-                    int(matmul_max_hw), live_after)
+    out = Segmented(graph, plan, tuple(segments), infos, out_var, int(matmul_max_hw),
+                    live_after)
     for leaf, ax, lay, _ in plan.consumers:
         if (ax, lay) not in out._consumer_axes.get(leaf, ()):
             out._consumer_axes[leaf] = out._consumer_axes.get(leaf, ()) + ((ax, lay),)
@@ -410,9 +397,8 @@ def _run_fn(seg_set: Segmented, k: int):
     seg = seg_set.segments[k]
     graph, plan = seg_set.graph, seg_set.plan
     jaxpr = plan.closed.jaxpr
-    const_of = dict(zip(jaxpr.constvars, plan.closed.consts))
-    num_leaves = len(jaxpr.invars) - 1
-    leaf_var = jaxpr.invars[:num_leaves]
+    leaf_var = jaxpr.invars[:len(jaxpr.invars) - 1]
+    consts = {v: (seg_set.infos[v], c) for v, c in zip(jaxpr.constvars, plan.closed.consts)}
 
     def run(key, gathered, valid, live):
         group_sizes, folded = key
@@ -420,40 +406,12 @@ def _run_fn(seg_set: Segmented, k: int):
                              evaluate=True, sizes=dict(group_sizes), vectors=dict(valid),
                              matmul_max_hw=seg_set.matmul_max_hw, folded=folded)
         ctx.root_of = dict(plan.root_of)
-        env: dict[Any, tuple] = {}
-        for i, value in zip(seg.leaves, gathered):
-            env[leaf_var[i]] = (seg_set.leaf_infos[i], value)
-        for v, value in zip(seg.live_in, live):
-            env[v] = (seg_set.infos[v], value)
-
-        def read(a):
-            if isinstance(a, jcore.Literal):
-                return graph_lib._const_info(tuple(np.shape(a.val))), a.val
-            if a in const_of:
-                return graph_lib._const_info(tuple(np.shape(const_of[a]))), const_of[a]
-            return env[a]
-
+        env = dict(consts)
+        env.update({leaf_var[i]: (seg_set.infos[leaf_var[i]], value)
+                    for i, value in zip(seg.leaves, gathered)})
+        env.update({v: (seg_set.infos[v], value) for v, value in zip(seg.live_in, live)})
         with seg_set._lock:  # the interpreter's context is per call; plans are shared
-            for eqn in seg.eqns:
-                ins = [read(a) for a in eqn.invars]
-                in_infos, in_vals = [i for i, _ in ins], [v for _, v in ins]
-                if eqn.primitive.name in graph_lib._SUBJAXPR:
-                    sub, sub_consts = graph_lib._sub_jaxpr(eqn)
-                    out_infos, out_vals = graph_lib._walk(sub, sub_consts, in_infos, in_vals, ctx)
-                else:
-                    out_infos, out_vals = graph_lib._rule(eqn, in_infos, in_vals, ctx)
-                for v, info, value in zip(eqn.outvars, out_infos, out_vals):
-                    env[v] = (info, value)
+            graph_lib._walk_eqns(seg.eqns, env, ctx, values=True)
         return tuple(env[v][1] for v in seg.live_out)
 
     return run
-
-
-def group_sizes(graph: Graph, plan: Any, buckets: Mapping[str, int],
-                target_class: bool) -> dict[int, int]:
-    """`{group: size}` of a module with `buckets[site]` channels per free site."""
-    gid = graph.group_of(plan)
-    sizes = {gid[n]: int(b) for n, b in buckets.items()}
-    if target_class and plan.has_class:
-        sizes[CLASS_GID] = 1
-    return sizes

@@ -244,8 +244,24 @@ def test_backend_selection_and_config(cases):
     reference = E.make_evaluator_from_config(model, SearchConfig(backend="reference", shard=False,
                                                                  eval_cache_mib=0))
     assert isinstance(reference, E.ReferenceEvaluator)
-    assert FE.conv_method((2, 2)) == "dense" and FE.conv_method((1, 1)) == "dense"
-    assert FE.conv_method((4, 4)) == "conv" and FE.conv_method((3, 3)) == "conv"
+    # the small-map rule: convs on maps of at most 2x2 run as one matmul, larger ones as convs
+    assert FE.DENSE_MAX_HW == 2 and fast.matmul_max_hw == FE.DENSE_MAX_HW
+    from jaxsplit import segments as S
+
+    segs = S.segment(fast.graph, (4, *fast.graph.input_shape), jnp.float32,
+                     matmul_max_hw=fast.matmul_max_hw)
+    params = random_params(model, 0)
+    small = set()
+    for k, seg in enumerate(segs.segments):
+        site = fast.graph.sites[k]  # segment k starts at site k's conv
+        gathered = tuple(jax.tree_util.tree_leaves({"params": params})[i] for i in seg.leaves)
+        live = tuple(jnp.zeros(segs.infos[v].shape) for v in seg.live_in)
+        jaxpr = jax.make_jaxpr(lambda g, l: S._run_fn(segs, k)(((), False), g, {}, l))(
+            gathered, live)
+        convs = sum(e.primitive.name == "conv_general_dilated" for e in jaxpr.jaxpr.eqns)
+        assert convs == (0 if max(site.input_hw) <= 2 else 1), (site.name, site.input_hw)
+        small |= {site.input_hw} if convs == 0 else set()
+    assert small == {(2, 2), (1, 1)}  # both kinds were seen
 
 
 def test_search_step_with_the_fast_backend(cases, tmp_path):

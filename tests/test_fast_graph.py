@@ -188,7 +188,7 @@ def test_rows_share_the_segments_they_compute_alike(cases):
         L_shared = np.asarray(shared(variables, same, images, classes))
     finally:
         FG.shared_prefixes = orig
-    (depth, prefix_of), = segs_rows
+    (depth, _, prefix_of), = segs_rows
     assert min(depth) >= 0  # every row reuses at least the first segment of another
     assert 1 <= len(prefix_of) < C * P
     L_alone = np.asarray(alone(variables, same, images, classes))

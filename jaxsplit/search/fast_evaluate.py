@@ -9,7 +9,7 @@ own extraction from the layer table, was removed once the generic one
 matched or beat it in the same run (README, Performance).
 
 Here: the bucket sizes that bound the compiled shapes (`bucket_step`,
-`bucket_size`), the rule for small maps (`conv_method`), the worker count,
+`bucket_size`), the rule for small maps (`DENSE_MAX_HW`), the worker count,
 image padding into equal chunks, and the row cache (`RowCache`) that lets a
 GA's repeated individuals be looked up instead of run again.
 
@@ -22,6 +22,7 @@ Same contract as `jaxsplit.search.evaluate` (the `Evaluator` protocol):
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import threading
 from collections.abc import Mapping
@@ -34,26 +35,18 @@ import numpy as np
 
 from jaxsplit.search.evaluate import EvaluatorInputError
 
-CONV = "conv"  # XLA convolution
-DENSE = "dense"  # the whole (small) map as one matmul
-DENSE_MAX_HW = 2  # maps of at most DENSE_MAX_HW x DENSE_MAX_HW use DENSE
+# Convs whose input maps are at most DENSE_MAX_HW x DENSE_MAX_HW run as one dense matmul
+# (`jaxsplit.graph._conv_as_matmul`). Measured on 2 AVX-512 cores (jax 0.10 CPU), n = 256
+# images, useful FLOP/s: XLA's conv at 2x2 ran at 3-4 GFLOP/s (256-512 channels) against ~250
+# for the dense matmul; at 4x4 and larger XLA's conv ran at 100-200 (better than im2col
+# matmuls, 60-140), while a dense matrix would multiply by zero blocks (a 4x4 map has 100 of
+# 256 position pairs adjacent).
+DENSE_MAX_HW = 2
 DEFAULT_NUM_BUCKETS = 32
 ALIGN = 8
 MAX_WORKERS = 4
 DEFAULT_CACHE_BYTES = 256 * 2**20  # evaluated rows kept for reuse (see `_evaluate_cached`)
 SHARE_MAX_K0 = 32  # group the second segment of rows by default when the first site has <= 32
-
-
-def conv_method(hw: tuple[int, int]) -> str:
-    """How a conv layer with input map `hw` is computed: "dense" for maps ≤ 2x2, else "conv".
-
-    Rule from measurements on 2 AVX-512 cores (jax 0.10 CPU), n = 256 images,
-    useful FLOP/s: XLA conv at 2x2 ran at 3-4 GFLOP/s (256-512 channels) vs
-    ~250 for the dense matmul; at 4x4 and larger XLA conv ran at 100-200
-    (better than im2col matmuls, 60-140), while a dense matrix would multiply
-    by zero blocks (a 4x4 map has 100 of 256 position pairs adjacent).
-    """
-    return DENSE if hw[0] <= DENSE_MAX_HW and hw[1] <= DENSE_MAX_HW else CONV
 
 
 def bucket_step(num_kernels: int, num_buckets: int) -> int:
@@ -217,9 +210,14 @@ class RowCache:
         return out
 
 
+@functools.lru_cache(maxsize=16)
 def convnet_graph(model: Any) -> Any:
     """The kernel graph of a jaxsplit `ConvNet` (`jaxsplit.trace` of its inference apply on
-    abstract params: nothing is initialised)."""
+    abstract params: nothing is initialised).
+
+    Cached per model (ConvNets are frozen, hashable dataclasses): every evaluator of the same
+    model, e.g. the search's and the sensitivity analysis', shares one trace and the segment
+    functions compiled on it."""
     from jaxsplit.graph import trace  # late: graph imports masks, which imports this package
     from jaxsplit.models import inference_apply
     from jaxsplit.models.convnet import init_params

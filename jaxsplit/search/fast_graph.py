@@ -29,11 +29,11 @@ through it, with shapes kept static for XLA.
   each segment is compiled for the bucket sizes of the channel groups it
   touches only, typically its (B_in, B_out). Per row, each segment gathers
   its kept weights (conv kernels on both sides, carriers, Dense rows, the
-  classifier's column `classes[c]`), then the image chunks run through the
-  segments. Padded channels are multiplied by `valid = False` at every
-  consumer, so they contribute exactly zero: a row's numbers are the
-  unpadded extracted module's (up to float summation order) and do not
-  depend on the other rows of the call.
+  classifier's column `classes[c]`) on the host, with every consumer's
+  weights for its padded channels zeroed, then the image chunks run through
+  the segments. Padded channels so contribute exactly zero: a row's numbers
+  are the unpadded extracted module's (up to float summation order) and do
+  not depend on the other rows of the call (`_evaluate_host`).
   Why segments and not one function of the whole model per module shape:
   rows differ in their buckets at some site almost always, and each new
   tuple of buckets would compile the whole model again (~1.5 s for SimCNN
@@ -45,7 +45,7 @@ through it, with shapes kept static for XLA.
   `matmul_max_hw` (default `fast_evaluate.DENSE_MAX_HW` = 2) in every
   spatial dimension run as one dense matmul (`graph._conv_as_matmul`): XLA's
   CPU convolution runs 2x2 maps with hundreds of channels ~50-100x below
-  matmul speed (`fast_evaluate.conv_method`). Measured on full-width SimCNN
+  matmul speed (`fast_evaluate.DENSE_MAX_HW`). Measured on full-width SimCNN
   (2 cores, 8 rows x 256 images, 50% kept): 5x faster rows.
 * **Members one after another, on `num_workers` threads.** Every row is its
   own sequence of jitted calls (no `vmap` over rows: that would turn the
@@ -64,9 +64,10 @@ the reference backend's computation (`ReferenceEvaluator` over
 `masks.masked_apply`): exact, full FLOPs. `host_side` is True, so the search
 driver calls it outside its jit.
 
-Peak memory (float32): variables + images + L + the row cache + per running
-row (`num_workers` at once) its gathered weights (≤ variables) and about 3
-of its largest activations of one image chunk (n ≤ chunk_images images).
+Peak memory (float32): variables + images + L + the row cache + the shared
+first segment and prefixes (at most `prefix_bytes`) + per running row
+(`num_workers` at once) its gathered weights (≤ variables) and about 3 of
+its largest activations of one image chunk (n ≤ chunk_images images).
 """
 
 from __future__ import annotations
@@ -272,6 +273,8 @@ class GraphFastEvaluator(RowCache):
                 sizes[CLASS_GID], idx[CLASS_GID] = 1, np.asarray([row_class[m]], np.int32)
             return sizes, idx, valid
 
+        inputs = [row_inputs(m) for m in range(total)]  # (sizes, indices, valid) per row
+
         def run_chunk(env, first, stop, sizes, valid, gathered):
             """Segments [first, stop) of one image chunk; keeps only the values live after."""
             for k in range(first, stop):
@@ -285,7 +288,7 @@ class GraphFastEvaluator(RowCache):
         def gathered_from(m, first, stop):
             """Row m's sizes, valid flags and gathered leaves (valid folded in) of segments
             [first, stop)."""
-            sizes, idx, valid = row_inputs(m)
+            sizes, idx, valid = inputs[m]
             return sizes, valid, {k: segs.gather(k, sizes, leaves, idx, valid)
                                   for k in range(first, stop)}
 
@@ -315,6 +318,7 @@ class GraphFastEvaluator(RowCache):
             # the row alone, so its numbers do not depend on the call.
             site0 = next(n for n in free if gid[n] == grouping.g0)
             site1 = next(n for n in free if gid[n] == grouping.g1)
+            g1 = grouping.g1
             whole = (plan.counts[site0] == self.graph.num_kernels[site0]) & \
                 (plan.counts[site1] == self.graph.num_kernels[site1])
             grouped = [not bool(w) for w in whole]
@@ -323,7 +327,7 @@ class GraphFastEvaluator(RowCache):
             """Row m's values after its first computed segments: (envs per chunk, next)."""
             if full_first is None:
                 return [{x_var: c} for c in chunks], 0
-            sizes, idx, _ = row_inputs(m)
+            sizes, idx, _ = inputs[m]
             return [dict(zip(segs.live_after[0], segs.take_live(0, sizes, vals, idx)))
                     for vals in full_first], 1
 
@@ -331,26 +335,23 @@ class GraphFastEvaluator(RowCache):
         budget = self.prefix_bytes - (0 if full_first is None else
                                       segs.live_bytes(0, full_sizes) * num_chunks)
         alone = [m for m in range(total) if not grouped[m]]
-        sub_depth, prefix_of = shared_prefixes(
-            segs, [row_inputs(m) for m in alone], chunk_rows=num_chunks,
+        sub_depth, sub_key, prefix_of = shared_prefixes(
+            segs, [inputs[m] for m in alone], chunk_rows=num_chunks,
             budget=max(budget, 0), min_depth=0 if full_first is None else 1)
         prefix_of = {k: (alone[j], d) for k, (j, d) in prefix_of.items()}
-        depth = [-1] * total
+        depth, key_of = [-1] * total, [b""] * total
         for j, m in enumerate(alone):
-            depth[m] = sub_depth[j]
+            depth[m], key_of[m] = sub_depth[j], sub_key[j]
         prefixes: dict = {}
 
         def grouped_second(padded, vals0):
             """Segment 1 of `padded` rows (same bucket) as one module on one chunk -> the
             values live after it, shared by the rows (block j of each g1 axis is row j's)."""
-            g0, g1 = grouping.g0, grouping.g1
-            site0 = next(n for n in free if gid[n] == g0)
-            site1 = next(n for n in free if gid[n] == g1)
             b1 = int(plan.sizes[site1][padded[0]])
             blocks = [(plan.indices[site1][m, :b1], flat_masks[site0][m]) for m in padded]
             group_leaves = segs.gather_group(grouping, leaves, blocks)
             sizes_g = {g1: b1 * len(padded)}
-            valid_g = {g1: np.concatenate([row_inputs(m)[2][g1] for m in padded])}
+            valid_g = {g1: np.concatenate([inputs[m][2][g1] for m in padded])}
             seg1 = segs.segments[1]
             env0 = dict(zip(segs.live_after[0], vals0))
             env1 = dict(zip(seg1.live_out, segs.run(1, sizes_g, group_leaves, valid_g,
@@ -371,7 +372,7 @@ class GraphFastEvaluator(RowCache):
         def run_row(m):
             d = depth[m]
             if d >= 0:
-                envs, first = prefixes[prefix_key(segs, row_inputs(m), d)], d + 1
+                envs, first = prefixes[key_of[m]], d + 1
             else:
                 envs, first = start_envs(m)
             sizes, valid, gathered = gathered_from(m, first, num_segments)
@@ -403,7 +404,6 @@ class GraphFastEvaluator(RowCache):
         # rows with equal buckets one after another: a new shape compiles once, on one thread
         order = [int(m) for m in np.lexsort([plan.sizes[n] for n in free][::-1])]
         if grouping is not None:
-            site1 = next(n for n in free if gid[n] == grouping.g1)
             by_bucket: dict = {}
             tasks = []
             for m in order:
@@ -434,16 +434,24 @@ class GraphFastEvaluator(RowCache):
         return out[:, :num_images]
 
 
-def prefix_key(segs: segments_lib.Segmented, row: tuple, depth: int) -> bytes:
-    """What segments 0..depth of a row compute from: its channels and flags at their groups."""
+def prefix_keys(segs: segments_lib.Segmented, row: tuple, min_depth: int = 0) -> list[bytes]:
+    """Per depth d, what segments 0..d of a row compute from: its channels and flags at the
+    groups of those segments (b"" below `min_depth`). Built segment by segment."""
     sizes, idx, valid = row
-    groups = sorted({g for seg in segs.segments[:depth + 1] for g in seg.groups if g in sizes})
-    return b"|".join(b"%d:" % g + np.asarray(idx[g], np.int32).tobytes()
-                     + np.asarray(valid.get(g, ()), bool).tobytes() for g in groups)
+    seen: set[int] = set()
+    key, out = b"", []
+    for d, seg in enumerate(segs.segments[:-1]):
+        for g in seg.groups:
+            if g in sizes and g not in seen:
+                seen.add(g)
+                key += (b"|%d:" % g + np.asarray(idx[g], np.int32).tobytes()
+                        + np.asarray(valid.get(g, ()), bool).tobytes())
+        out.append(key if d >= min_depth else b"")
+    return out
 
 
 def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int,
-                    budget: int, min_depth: int = 0) -> tuple[list[int], dict]:
+                    budget: int, min_depth: int = 0) -> tuple[list[int], list[bytes], dict]:
     """For every row, the deepest segment whose outputs another row of the call shares.
 
     Rows that gather the same channels at every group of segments 0..d
@@ -453,20 +461,22 @@ def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int
     fit in `budget` bytes. Depths below `min_depth` are not considered (those
     segments are computed once for all rows another way).
 
+    Args:
+      rows: per row `(sizes, indices, valid)`, by group.
+
     Returns:
-      `(depth, prefix_of)`: `depth[m]` is -1 (nothing shared) or the last
-      shared segment d; `prefix_of[key] = (first row, d)` for the prefixes to
-      compute, `key = prefix_key(segs, rows[m], d)`.
+      `(depth, key, prefix_of)`: `depth[m]` is -1 (nothing shared) or the last
+      shared segment d, `key[m]` the prefix key of row m at that depth
+      (`prefix_keys`), `prefix_of[key] = (first row, d)` for the prefixes to
+      compute.
     """
     num = len(segs.segments)
-    depth = [-1] * len(rows)
+    depth, chosen = [-1] * len(rows), [b""] * len(rows)
     if num < 2 or len(rows) < 2:
-        return depth, {}
+        return depth, chosen, {}
+    keys = [prefix_keys(segs, row, min_depth) for row in rows]
     counts: dict = {}
-    keys = []
-    for row in rows:
-        row_keys = [prefix_key(segs, row, d) if d >= min_depth else b"" for d in range(num - 1)]
-        keys.append(row_keys)
+    for row_keys in keys:
         for d, k in enumerate(row_keys):
             counts[(d, k)] = counts.get((d, k), 0) + 1
     prefix_of: dict = {}
@@ -477,12 +487,12 @@ def shared_prefixes(segs: segments_lib.Segmented, rows: list, *, chunk_rows: int
             if counts[(d, k)] < 2:
                 continue
             if k in prefix_of and prefix_of[k][1] == d:
-                depth[m] = d
+                depth[m], chosen[m] = d, k
                 break
             size = segs.live_bytes(d, row[0]) * chunk_rows
             if used + size <= budget:
                 used += size
                 prefix_of[k] = (m, d)
-                depth[m] = d
+                depth[m], chosen[m] = d, k
                 break
-    return depth, prefix_of
+    return depth, chosen, prefix_of
